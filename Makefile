@@ -1,0 +1,25 @@
+# GenQ developer commands. `make test` is what CI runs (.ci/run).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install lint test test-all bench-quant clean
+
+install:
+	scripts/install.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-all: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --runslow
+
+bench-quant: install
+	$(BIN)/python benchmarks/quant_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
