@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,19 +141,20 @@ def export_onnx_qdq(
     out.parent.mkdir(parents=True, exist_ok=True)
     model = qmodel if _on_cpu(qmodel) else copy.deepcopy(qmodel).cpu()
     model.eval()
-    with _onnx_mode(model), torch.no_grad():
-        program = torch.onnx.export(
+    # The TorchScript exporter maps torch.fake_quantize_* to QuantizeLinear/DequantizeLinear; the
+    # torch.export-based one has no fake-tensor kernel for them with a dynamic batch size.
+    with _onnx_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.onnx.export(
             model,
             (example_input.cpu(),),
-            dynamo=True,
+            str(out),
+            dynamo=False,
             opset_version=opset,
             input_names=["images"],
             output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            verbose=False,
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
-    assert program is not None
-    program.save(str(out))
     return out
 
 
@@ -163,6 +165,10 @@ def _onnx_mode(qmodel: QuantizedModel) -> Iterator[None]:
         *(q for _, q in qmodel.weight_quantizers()),
         *(q for _, q in qmodel.activation_quantizers()),
     ]
+    for _, layer in qmodel.quant_layers():
+        layer.weight_quantizer.prepare_export(layer.weight)
+    for _, aq in qmodel.activation_quantizers():
+        aq.prepare_export()
     for q in quantizers:
         q.onnx_export = True
     try:
@@ -170,6 +176,8 @@ def _onnx_mode(qmodel: QuantizedModel) -> Iterator[None]:
     finally:
         for q in quantizers:
             q.onnx_export = False
+        for _, layer in qmodel.quant_layers():
+            layer.weight_quantizer._export_weight = None
 
 
 def _weight_encoding(wq: WeightQuantizer) -> dict[str, Any]:

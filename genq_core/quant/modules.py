@@ -4,7 +4,8 @@ Activations are quantized at layer inputs: every :class:`QuantConv2d` and :class
 quantizes what it receives and its (BN-folded) weight. Whatever sits between layers (ReLU, GELU,
 pooling, residual additions, LayerNorm) runs in float on dequantized values, so any wiring of the
 forward pass is handled without tracing it. Attention additionally quantizes the inputs of its two
-matrix products (:class:`QuantAttention`), and transformer blocks their input (:class:`QuantInput`).
+matrix products (:class:`QuantAttention`); optionally transformer blocks quantize their residual
+input too (:class:`QuantInput`, ``QuantConfig.quantize_block_inputs``).
 """
 
 from __future__ import annotations

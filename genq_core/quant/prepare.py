@@ -162,7 +162,7 @@ def prepare_model(
         if type(module) is TimmAttention:
             work.set_submodule(name, QuantAttention(module, config.act_bits))
     for name, module in list(work.named_modules()):
-        if isinstance(module, TimmBlock):
+        if config.quantize_block_inputs and isinstance(module, TimmBlock):
             work.set_submodule(name, QuantInput(module, config.act_bits))
     layer_names = {id(m): n for n, m in work.named_modules()}
     order = [layer_names[id(layer)] for layer in quant_layers]
@@ -254,21 +254,28 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _ForwardTrace:
 
 
 def _check_supported(model: nn.Module) -> None:
-    """Raise for leaf modules with weights that are neither quantized nor kept in float."""
+    """Raise for modules holding weights that are neither quantized nor kept in float.
+
+    Leaf modules with any parameter must be a known type. Containers may hold their own
+    parameters (a ViT's ``cls_token``, ``pos_embed``) unless those look like matmul weights
+    (a name containing ``weight``, two or more dimensions), as in ``nn.MultiheadAttention``.
+    """
     for name, module in model.named_modules():
-        if any(True for _ in module.children()):
-            continue
-        if not any(True for _ in module.parameters(recurse=False)):
+        own = list(module.named_parameters(recurse=False))
+        if not own:
             continue
         if _is_plain_layer(module) or isinstance(module, KEPT_IN_FLOAT):
             continue
         if _is_timm_layer_scale(module):
             continue
-        raise UnsupportedModuleError(
-            f"cannot quantize module '{name}' of type {type(module).__name__}: supported layers are "
-            "Conv2d and Linear (with their standard forward); norms, LayerScale and PReLU stay in "
-            "float"
-        )
+        is_leaf = not any(True for _ in module.children())
+        weights = [p for p, value in own if "weight" in p and value.dim() >= 2]
+        if is_leaf or weights:
+            raise UnsupportedModuleError(
+                f"cannot quantize module '{name}' of type {type(module).__name__}: supported "
+                "layers are Conv2d and Linear (with their standard forward) and timm attention; "
+                "norms, LayerScale and PReLU stay in float"
+            )
 
 
 def _is_plain_layer(module: nn.Module) -> bool:

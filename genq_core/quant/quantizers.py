@@ -79,6 +79,7 @@ class WeightQuantizer(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
         self.enabled = True
         self.onnx_export = False
+        self._export_weight: torch.Tensor | None = None
 
     @property
     def axis(self) -> int | None:
@@ -134,10 +135,10 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
+        if self.onnx_export:
+            return self._torch_fake_quantize()
         self._check_calibrated()
         rounding = self.rounding
-        if self.onnx_export:
-            return self._torch_fake_quantize(weight)
         if rounding == "nearest":
             return fake_quantize(
                 weight, self.scale, self.zero_point, self.quant_min, self.quant_max, self.axis
@@ -174,10 +175,17 @@ class WeightQuantizer(nn.Module):
         grid = "symmetric" if self.symmetric else "asymmetric"
         return f"bits={self.bits}, {kind}, {grid}, rounding={self.rounding}"
 
-    def _torch_fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """The same values through ``torch.fake_quantize_*`` (exported to ONNX as Q/DQ)."""
+    @torch.no_grad()
+    def prepare_export(self, weight: torch.Tensor) -> None:
+        """Fix the rounded weight as a constant for export (``onnx_export`` mode reads it)."""
         codes = self.integer_weight(weight).to(weight.dtype)
-        rounded = (codes - self._zero_point(weight)) * self._scale(weight)
+        self._export_weight = (codes - self._zero_point(weight)) * self._scale(weight)
+
+    def _torch_fake_quantize(self) -> torch.Tensor:
+        """The rounded weight through ``torch.fake_quantize_*`` (exported to ONNX as Q/DQ)."""
+        if self._export_weight is None:
+            raise RuntimeError("call prepare_export(weight) before exporting")
+        rounded = self._export_weight
         zero_point = self.zero_point.to(torch.int32)
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(
@@ -226,6 +234,7 @@ class ActivationQuantizer(nn.Module):
         self.enabled = True
         self.drop_prob = 0.0
         self.onnx_export = False
+        self._export_qparams: tuple[float, int] | None = None
 
     def set_bits(self, bits: int) -> None:
         """Change the bit width; the quantizer must be calibrated again."""
@@ -261,19 +270,28 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.onnx_export:
+            if self._export_qparams is None:
+                raise RuntimeError("call prepare_export() before exporting")
+            scale_value, zero_point_value = self._export_qparams
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale_value, zero_point_value, self.quant_min, self.quant_max
+            )
+        scale = torch.clamp(self.scale, min=1e-8)
         if not bool(self.calibrated):
             raise RuntimeError("ActivationQuantizer used before calibrate()")
-        scale = torch.clamp(self.scale, min=1e-8)
-        if self.onnx_export:
-            zero_point = self.zero_point.to(torch.int32)
-            return torch.fake_quantize_per_tensor_affine(
-                x, scale.detach(), zero_point, self.quant_min, self.quant_max
-            )
         x_q = fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max)
         if self.drop_prob > 0.0:
             keep_float = torch.rand_like(x) < self.drop_prob
             x_q = torch.where(keep_float, x, x_q)
         return x_q
+
+    def prepare_export(self) -> None:
+        """Fix step size and zero point as Python numbers for export (``onnx_export`` mode)."""
+        self._export_qparams = (
+            float(torch.clamp(self.scale, min=1e-8).item()),
+            int(self.zero_point.item()),
+        )
 
     def extra_repr(self) -> str:
         return (
