@@ -60,7 +60,7 @@ def test_first_and_last_layers_get_first_last_bits(
 ) -> None:
     qmodel = prepare_model(tiny_resnet, QuantConfig(weight_bits=2, act_bits=3), images[:2])
     layers = list(qmodel.quant_layers())
-    assert [name for name, _ in layers][0] == "stem" and layers[-1][0] == "fc"
+    assert next(name for name, _ in layers) == "stem" and layers[-1][0] == "fc"
     bits = [(layer.weight_quantizer.bits, layer.input_quantizer.bits) for _, layer in layers]
     assert bits[0] == bits[-1] == (8, 8)
     assert all(b == (2, 3) for b in bits[1:-1])
