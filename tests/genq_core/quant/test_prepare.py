@@ -39,7 +39,7 @@ def test_linear_batchnorm1d_folded_and_unpaired_batchnorm_kept() -> None:
     x = torch.randn(32, 8)
     qmodel = prepare_model(model, QuantConfig(), x)
     assert qmodel.folded_batchnorms == [("1", "2")]
-    assert isinstance(qmodel.model[0], nn.BatchNorm1d)
+    assert isinstance(qmodel.model.get_submodule("0"), nn.BatchNorm1d)
     with torch.no_grad():
         torch.testing.assert_close(_float_outputs(qmodel, x), model(x), rtol=1e-4, atol=1e-5)
 
