@@ -1,0 +1,1 @@
+"""Benchmark data and small reference classifiers (Fashion-MNIST)."""
