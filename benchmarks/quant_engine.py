@@ -84,7 +84,7 @@ def main() -> None:
     calibration = x_train[torch.randperm(x_train.shape[0], generator=gen)[: args.num_calib]]
 
     # 4. every preset at every setting
-    plan = QUICK_PLAN if args.quick else FULL_PLAN
+    plan = _parse_only(args.only) if args.only else QUICK_PLAN if args.quick else FULL_PLAN
     iters = args.iters or (200 if args.quick else ReconstructionConfig.iters)
     rows = []
     for weight_bits, act_bits, presets in plan:
@@ -119,7 +119,9 @@ def main() -> None:
         "command": "python benchmarks/quant_engine.py"
         + (" --quick" if args.quick else "")
         + (f" --iters {args.iters}" if args.iters else "")
-        + (f" --threads {args.threads}" if args.threads != 1 else ""),
+        + (f" --threads {args.threads}" if args.threads != 1 else "")
+        + (f" --only {args.only}" if args.only else "")
+        + (f" --tag {args.tag}" if args.tag else ""),
         "machine": _machine(args.threads),
         "float_top1": fp_top1,
         "calibration_images": int(calibration.shape[0]),
@@ -132,8 +134,11 @@ def main() -> None:
     table = _markdown(result)
     print(table)
     if not args.no_write:
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-        _write_section(table)
+        suffix = f"_{args.tag}" if args.tag else ""
+        RESULTS.with_name(f"{RESULTS.stem}{suffix}.json").write_text(
+            json.dumps(result, indent=2) + "\n"
+        )
+        _write_section(table, SECTION + (f"-{args.tag}" if args.tag else ""))
 
 
 class BNConvNet(nn.Module):
@@ -224,14 +229,26 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_section(table: str) -> None:
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
+def _parse_only(text: str) -> list[tuple[int, int, list[str]]]:
+    """``"W4A4:qdrop,W2A4:qdrop"`` -> the plan of those runs."""
+    plan: list[tuple[int, int, list[str]]] = []
+    for item in text.split(","):
+        match = re.fullmatch(r"W(\d)A(\d):(\w+)", item.strip())
+        if match is None:
+            raise SystemExit(f"--only: expected entries like W4A4:qdrop, got {item!r}")
+        plan.append((int(match[1]), int(match[2]), [match[3]]))
+    return plan
+
+
+def _write_section(table: str, section: str) -> None:
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     block = f"{begin}\n{table}{end}"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.is_file() else "# Benchmarks\n"
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip("\n") + f"\n\n## Quantization engine\n\n{block}\n"
+        title = "Quantization engine" + (f" ({section})" if section != SECTION else "")
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n{block}\n"
     BENCHMARKS_MD.write_text(text)
 
 
@@ -261,6 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--retrain", action="store_true", help="retrain the float classifier")
+    parser.add_argument("--only", help="run just these, e.g. W4A4:qdrop,W2A4:qdrop")
+    parser.add_argument("--tag", help="names a separate results file and BENCHMARKS.md section")
     parser.add_argument("--no-write", action="store_true", help="print only")
     return parser
 
