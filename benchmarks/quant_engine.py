@@ -64,6 +64,11 @@ QUICK_PLAN: list[tuple[int, int, list[str]]] = [(8, 8, ["minmax"]), (4, 4, FAST_
 def main() -> None:
     args = _parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render:
+        # re-render a saved run's table into BENCHMARKS.md (no new measurement)
+        saved = json.loads(Path(args.render).read_text())
+        _write_section(_markdown(saved), SECTION + (f"-{args.tag}" if args.tag else ""))
+        return
     torch.set_num_threads(args.threads)
 
     # 1. data: classifier part of the training split, 10k test set
@@ -206,7 +211,9 @@ def _markdown(result: dict[str, Any]) -> str:
         f"**{result['float_top1']:.2f}%** on the 10k test set; {result['calibration_images']} "
         f"real calibration images; first/last layer 8-bit; {result['reconstruction_iters']} "
         f"reconstruction steps per unit (batch 32). Cells: test top-1 % (change vs float) / "
-        "wall seconds for the whole `quantize_model` call.",
+        "wall seconds for the whole `quantize_model` call. The network has no residual blocks, "
+        "so `brecq` and `qdrop` reconstruct it layer by layer as `adaround` does (`brecq` equals "
+        "`adaround` here); `qdrop` adds its random activation-quantization drop.",
         "",
         "| preset | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
@@ -281,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", help="run just these, e.g. W4A4:qdrop,W2A4:qdrop")
     parser.add_argument("--tag", help="names a separate results file and BENCHMARKS.md section")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--render", help="only re-render the table of a saved results JSON")
     return parser
 
 
