@@ -56,10 +56,10 @@ CLASS_NAMES: tuple[str, ...] = (
 """Class names, indexed by label (0..9)."""
 
 MEAN = (0.2860,)
-"""Per-channel mean of the 60k training images scaled to [0, 1]."""
+"""Pixel mean of the 60k training images scaled to [0, 1] (measured 0.286041)."""
 
 STD = (0.3530,)
-"""Per-channel standard deviation of the 60k training images scaled to [0, 1]."""
+"""Pixel standard deviation of the 60k training images in [0, 1] (measured 0.353024)."""
 
 IMAGE_SIZE = 28
 NUM_CLASSES = len(CLASS_NAMES)
