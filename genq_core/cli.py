@@ -211,15 +211,16 @@ def _report(
     assert isinstance(qmodel, QuantizedModel)
     device = args.device
     model = model.to(device)
+    size = model_size(qmodel)
     report: dict[str, Any] = {
         "model": {"file": str(args.model), "arch": args.arch},
         "config": config.to_dict(),
         "calibration": {"source": str(args.calib), "images": int(calibration.shape[0])},
         "quantize_seconds": round(quantize_seconds, 2),
         "size": {
-            "float_bytes": model_size(qmodel).float_bytes,
-            "quantized_bytes": model_size(qmodel).quantized_bytes,
-            "compression": round(model_size(qmodel).compression, 2),
+            "float_bytes": size.float_bytes,
+            "quantized_bytes": size.quantized_bytes,
+            "compression": round(size.compression, 2),
         },
         "calibration_set": {
             "output_sqnr_db": round(output_sqnr(model, qmodel, calibration, device), 2),

@@ -184,11 +184,8 @@ def train_classifier(
         raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
     if not images.dtype.is_floating_point:
         raise ValueError(f"images must be a float tensor, got dtype {images.dtype}")
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    _check_labels(images, labels)
     n = images.shape[0]
-    if n == 0:
-        raise ValueError("images is empty")
 
     torch.manual_seed(config.seed)
     shuffle_gen = torch.Generator().manual_seed(config.seed)
@@ -270,11 +267,8 @@ def evaluate_top1(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    _check_labels(images, labels)
     n = images.shape[0]
-    if n == 0:
-        raise ValueError("images is empty")
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -321,6 +315,14 @@ def _augment(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch
         x = x.clone()
         x[flip] = x[flip].flip(-1)
     return x
+
+
+def _check_labels(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """``labels`` must be ``[N]`` for ``N = len(images) > 0``."""
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty")
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -89,7 +89,6 @@ class ActivationObserver:
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
         self._samples: list[torch.Tensor] = []
-        self._kept = 0
 
     def update(self, x: torch.Tensor) -> None:
         """Record one batch of activations (any shape)."""
@@ -102,7 +101,6 @@ class ActivationObserver:
         per_batch = min(values.numel(), max(self.max_samples // 16, 1))
         index = torch.randperm(values.numel(), generator=self.generator)[:per_batch]
         self._samples.append(values[index.to(values.device)].cpu())
-        self._kept += per_batch
 
     @property
     def empty(self) -> bool:

@@ -17,7 +17,6 @@ import torch
 
 __all__ = [
     "fake_quantize",
-    "grad_scale",
     "lp_loss",
     "qparams_from_range",
     "quant_range",
@@ -44,11 +43,6 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest with a straight-through gradient (d round(x) / dx := 1)."""
     return (x.round() - x).detach() + x
-
-
-def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ step-size scaling)."""
-    return (x - x * factor).detach() + x * factor
 
 
 def to_channel_shape(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:

@@ -89,12 +89,6 @@ class WeightQuantizer(nn.Module):
     def rounding(self) -> RoundingMode:
         return _ROUNDING_NAMES[int(self.rounding_code.item())]
 
-    def set_bits(self, bits: int) -> None:
-        """Change the bit width; the quantizer must be calibrated again."""
-        self.bits = bits
-        self.quant_min, self.quant_max = quant_range(bits, self.signed)
-        self.calibrated.fill_(False)
-
     @torch.no_grad()
     def calibrate(self, weight: torch.Tensor, method: str) -> None:
         """Set scale and zero point from ``weight`` by ``minmax`` or ``mse`` search."""
@@ -235,12 +229,6 @@ class ActivationQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.onnx_export = False
         self._export_qparams: tuple[float, int] | None = None
-
-    def set_bits(self, bits: int) -> None:
-        """Change the bit width; the quantizer must be calibrated again."""
-        self.bits = bits
-        self.quant_min, self.quant_max = quant_range(bits, signed=False)
-        self.calibrated.fill_(False)
 
     @torch.no_grad()
     def calibrate(
