@@ -15,9 +15,26 @@ from torch import nn
 
 from genq_core.quant.modules import QuantConv2d, QuantInput, QuantLinear
 
-__all__ = ["BLOCK_TYPES", "find_units", "register_block_type"]
+__all__ = ["BLOCK_TYPES", "find_units", "following_activation", "register_block_type"]
 
 BLOCK_TYPES: list[type[nn.Module]] = [TimmBlock]
+
+# Element-wise modules that may follow a layer; Identity is what a folded BatchNorm leaves.
+ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.ELU,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+)
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -71,3 +88,26 @@ def _is_block(module: nn.Module, in_container: bool) -> bool:
 
 def _count_layers(module: nn.Module) -> int:
     return sum(isinstance(m, QuantConv2d | QuantLinear) for m in module.modules())
+
+
+def following_activation(model: nn.Module, name: str) -> nn.Sequential | None:
+    """The element-wise modules that directly follow layer ``name`` inside an ``nn.Sequential``.
+
+    Layer-wise reconstruction matches the output after them (as BRECQ and QDrop do): errors that a
+    ReLU discards then cost nothing. Returns ``None`` when the layer's parent is not a plain
+    ``nn.Sequential`` or nothing but ``Identity`` follows it.
+    """
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if type(parent).forward is not nn.Sequential.forward or not isinstance(parent, nn.Sequential):
+        return None
+    names = [child for child, _ in parent.named_children()]
+    following: list[nn.Module] = []
+    for child in names[names.index(child_name) + 1 :]:
+        module = parent.get_submodule(child)
+        if not isinstance(module, ELEMENTWISE):
+            break
+        following.append(module)
+    if all(isinstance(module, nn.Identity) for module in following):
+        return None
+    return nn.Sequential(*following)

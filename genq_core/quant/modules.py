@@ -51,7 +51,10 @@ class QuantConv2d(nn.Module):
         return self.conv.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quantizer(x)
+        return self.forward_quantized(self.input_quantizer(x))
+
+    def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on an input that is already quantized (or deliberately left in float)."""
         weight = self.weight_quantizer(self.conv.weight)
         return self.conv._conv_forward(x, weight, self.conv.bias)
 
@@ -79,7 +82,10 @@ class QuantLinear(nn.Module):
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quantizer(x)
+        return self.forward_quantized(self.input_quantizer(x))
+
+    def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on an input that is already quantized (or deliberately left in float)."""
         weight = self.weight_quantizer(self.linear.weight)
         return F.linear(x, weight, self.linear.bias)
 

@@ -9,6 +9,7 @@ Both are calibrated explicitly (``calibrate``); using one before that raises ``R
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 import torch
@@ -31,7 +32,7 @@ from genq_core.quant.functional import (
     rounding_regularizer,
 )
 
-__all__ = ["ActivationQuantizer", "RoundingMode", "WeightQuantizer"]
+__all__ = ["ActivationQuantizer", "QuantDrop", "RoundingMode", "WeightQuantizer"]
 
 RoundingMode = Literal["nearest", "soft", "hard"]
 _ROUNDING_CODES: dict[str, int] = {"nearest": 0, "soft": 1, "hard": 2}
@@ -208,8 +209,8 @@ class ActivationQuantizer(nn.Module):
     """Per-tensor asymmetric activation quantizer with a learnable step size (LSQ).
 
     Codes are unsigned (``[0, 2^b - 1]``) with a zero point, so non-negative inputs (after ReLU)
-    get zero point 0 and the full grid. During QDrop reconstruction ``drop_prob`` > 0 keeps each
-    element in full precision with that probability.
+    get zero point 0 and the full grid. During QDrop reconstruction ``drop`` (a :class:`QuantDrop`)
+    keeps a random part of the elements in full precision.
 
     Args:
         bits: bit width (2..8).
@@ -226,7 +227,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("calibrated", torch.tensor(False))
         self.enabled = True
-        self.drop_prob = 0.0
+        self.drop: QuantDrop | None = None
         self.onnx_export = False
         self._export_qparams: tuple[float, int] | None = None
 
@@ -269,9 +270,8 @@ class ActivationQuantizer(nn.Module):
         if not bool(self.calibrated):
             raise RuntimeError("ActivationQuantizer used before calibrate()")
         x_q = fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max)
-        if self.drop_prob > 0.0:
-            keep_float = torch.rand_like(x) < self.drop_prob
-            x_q = torch.where(keep_float, x, x_q)
+        if self.drop is not None:
+            x_q = self.drop(x, x_q)
         return x_q
 
     def prepare_export(self) -> None:
@@ -285,3 +285,43 @@ class ActivationQuantizer(nn.Module):
         return (
             f"bits={self.bits}, step={self.scale.item():.4g}, zero_point={self.zero_point.item():g}"
         )
+
+
+class QuantDrop:
+    """QDrop's random drop: keep each element of a tensor in full precision with ``prob``.
+
+    Drawing a fresh uniform mask per call costs as much as the convolutions of a small layer on a
+    CPU, so masks are random windows of one 0/1 pool drawn once: the window at offset ``k`` gives
+    element ``i`` the pool's entry ``k + i``, so masks at different offsets are independent per
+    element. Offsets come from a seeded generator, so a run is reproducible.
+
+    Args:
+        prob: probability of keeping an element in float, in ``[0, 1)``.
+        seed: seeds the pool and the offsets.
+    """
+
+    OFFSETS = 1 << 16
+
+    def __init__(self, prob: float, seed: int):
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"drop probability must be in [0, 1), got {prob}")
+        self.prob = prob
+        self._seed = seed
+        self._offsets = random.Random(seed)
+        self._pool: torch.Tensor | None = None
+
+    def __call__(self, x_float: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor:
+        """``x_float`` where the mask keeps float, else ``x_quant`` (gradients flow to both)."""
+        mask = self.mask(x_float)
+        return torch.lerp(x_quant, x_float, mask)
+
+    def mask(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0/1 mask shaped like ``like`` (1 = keep float), fresh at every call."""
+        numel = like.numel()
+        pool = self._pool
+        if pool is None or pool.numel() < numel + self.OFFSETS or pool.device != like.device:
+            generator = torch.Generator(device=like.device).manual_seed(self._seed)
+            uniform = torch.rand(numel + self.OFFSETS, generator=generator, device=like.device)
+            pool = self._pool = (uniform < self.prob).to(like.dtype)
+        offset = self._offsets.randrange(self.OFFSETS)
+        return pool[offset : offset + numel].view(like.shape).to(like.dtype)

@@ -20,24 +20,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from genq_core.quant.blocks import find_units
+from genq_core.progress import Canceled, ProgressFn, StopFn
+from genq_core.quant.blocks import find_units, following_activation
 from genq_core.quant.config import QuantConfig, ReconstructionConfig
 from genq_core.quant.functional import lp_loss
 from genq_core.quant.modules import QuantConv2d, QuantLinear
 from genq_core.quant.prepare import QuantizedModel
-from genq_core.quant.quantizers import ActivationQuantizer
+from genq_core.quant.quantizers import ActivationQuantizer, QuantDrop
 
 __all__ = ["QuantizationCanceled", "reconstruct"]
 
 logger = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]
-StopFn = Callable[[], bool]
-
 _REPORT_EVERY = 50
 
 
-class QuantizationCanceled(RuntimeError):
+class QuantizationCanceled(Canceled):
     """``should_stop()`` returned True; the partially quantized model is discarded."""
 
 
@@ -74,6 +72,12 @@ def reconstruct(
         fp_in, fp_out = _capture(qmodel, unit, images, config.batch_size, with_output=True)
         qmodel.set_quant_state(weights=True, activations=True)
         q_in, _ = _capture(qmodel, unit, images, config.batch_size, with_output=False)
+        post = None
+        if isinstance(unit, QuantConv2d | QuantLinear):
+            post = following_activation(qmodel.model, name)
+            if post is not None:
+                with torch.no_grad():
+                    fp_out = post(fp_out)
         # 2. learn rounding and step sizes
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed * 100_003 + index)
@@ -82,6 +86,7 @@ def reconstruct(
                 q_in,
                 fp_in,
                 fp_out,
+                post,
                 rec,
                 spec.drop,
                 progress=_unit_progress(on_progress, index * rec.iters, total),
@@ -99,19 +104,28 @@ def _optimise_unit(
     q_in: torch.Tensor,
     fp_in: torch.Tensor,
     fp_out: torch.Tensor,
+    post: nn.Module | None,
     rec: ReconstructionConfig,
     drop: bool,
     progress: Callable[[int], None],
     should_stop: StopFn | None,
 ) -> float:
-    """Steps 2 and 3 for one unit; returns the last reconstruction loss."""
+    """Steps 2 and 3 for one unit; returns the last reconstruction loss.
+
+    ``post`` (the activation after a single layer) is applied to the unit's output; ``fp_out``
+    already includes it. With ``drop``, a single layer's input is QDrop's mix of the float model's
+    input and the quantized input; a block's input is a mix of the float and quantized models'
+    inputs, and its activation quantizers drop inside.
+    """
     layers = [m for m in unit.modules() if isinstance(m, QuantConv2d | QuantLinear)]
     act_quantizers = [m for m in unit.modules() if isinstance(m, ActivationQuantizer)]
     for layer in layers:
         layer.weight_quantizer.init_rounding(layer.weight)
+    dropper = QuantDrop(rec.drop_prob, seed=int(torch.randint(2**31, ()).item())) if drop else None
+    single_layer = isinstance(unit, QuantConv2d | QuantLinear)
     for quantizer in act_quantizers:
         quantizer.scale.requires_grad_(True)
-        quantizer.drop_prob = rec.drop_prob if drop else 0.0
+        quantizer.drop = None if single_layer else dropper
     weight_opt = torch.optim.Adam(
         [layer.weight_quantizer.alpha for layer in layers], lr=rec.weight_lr
     )
@@ -124,11 +138,10 @@ def _optimise_unit(
     try:
         for step in range(rec.iters):
             index = torch.randint(count, (min(rec.batch_size, count),), device=q_in.device)
-            x = q_in[index]
-            if drop:
-                keep_float = torch.rand_like(x) < rec.drop_prob
-                x = torch.where(keep_float, fp_in[index], x)
-            rec_loss = lp_loss(unit(x), fp_out[index], rec.p_norm, channel_dim)
+            out = _unit_forward(unit, q_in, fp_in, index, dropper)
+            if post is not None:
+                out = post(out)
+            rec_loss = lp_loss(out, fp_out[index], rec.p_norm, channel_dim)
             loss = rec_loss
             if step >= warmup_iters and rec.round_weight > 0:
                 beta = _beta(step, warmup_iters, rec)
@@ -149,8 +162,24 @@ def _optimise_unit(
             layer.weight_quantizer.finalize_rounding()
         for quantizer in act_quantizers:
             quantizer.scale.requires_grad_(False)
-            quantizer.drop_prob = 0.0
+            quantizer.drop = None
     return float(rec_loss.item())
+
+
+def _unit_forward(
+    unit: nn.Module,
+    q_in: torch.Tensor,
+    fp_in: torch.Tensor,
+    index: torch.Tensor,
+    dropper: QuantDrop | None,
+) -> torch.Tensor:
+    """The unit on the batch ``index`` of its cached inputs, with QDrop's mixing if asked."""
+    if dropper is None:
+        return unit(q_in[index])
+    if isinstance(unit, QuantConv2d | QuantLinear):
+        # elements of the quantized input, or of the float model's input where dropped
+        return unit.forward_quantized(dropper(fp_in[index], unit.input_quantizer(q_in[index])))
+    return unit(dropper(fp_in[index], q_in[index]))
 
 
 def _beta(step: int, warmup_iters: int, rec: ReconstructionConfig) -> float:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from genq_core.quant import QuantConfig, find_units, prepare_model
+from genq_core.quant.blocks import following_activation
 
 
 def test_residual_blocks_found_with_layers_outside(
@@ -21,6 +22,30 @@ def test_plain_sequential_falls_back_to_layers() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten())
     qmodel = prepare_model(model, QuantConfig(), torch.randn(2, 3, 8, 8))
     assert [name for name, _ in find_units(qmodel.model, "block")] == ["0", "2"]
+
+
+def test_following_activation_skips_folded_batchnorm_and_stops_at_pooling() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+    ).eval()
+    qmodel = prepare_model(model, QuantConfig(), torch.randn(2, 3, 12, 12))
+    post = following_activation(qmodel.model, "0")
+    assert post is not None
+    assert [type(m) for m in post] == [nn.Identity, nn.ReLU]
+    assert following_activation(qmodel.model, "4") is None  # only the folded BN follows
+
+
+def test_following_activation_needs_a_plain_sequential(
+    tiny_resnet: nn.Module, images: torch.Tensor
+) -> None:
+    qmodel = prepare_model(tiny_resnet, QuantConfig(), images[:2])
+    assert following_activation(qmodel.model, "fc") is None
 
 
 def test_transformer_blocks_found(tiny_vit: nn.Module) -> None:

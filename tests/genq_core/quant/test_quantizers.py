@@ -5,7 +5,7 @@ import torch
 
 from genq_core.quant.calibration import ActivationObserver
 from genq_core.quant.functional import sqnr_db
-from genq_core.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from genq_core.quant.quantizers import ActivationQuantizer, QuantDrop, WeightQuantizer
 
 
 def _weight() -> torch.Tensor:
@@ -139,9 +139,26 @@ def test_lsq_step_size_gets_gradient_and_drop_keeps_float_elements() -> None:
     aq.scale.requires_grad_(True)
     (aq(x) - x).pow(2).sum().backward()
     assert aq.scale.grad is not None and aq.scale.grad.abs().item() > 0
-    aq.drop_prob = 0.5
-    torch.manual_seed(0)
+    aq.drop = QuantDrop(0.5, seed=0)
     with torch.no_grad():
-        out = aq(x)
-    kept_float = (out == x).float().mean().item()
-    assert 0.4 < kept_float < 0.6
+        first, second = aq(x), aq(x)
+    kept_float = (first == x).float().mean().item()
+    assert 0.45 < kept_float < 0.55
+    # a fresh mask at every call: about half the elements change state between two calls
+    changed = ((first == x) != (second == x)).float().mean().item()
+    assert 0.4 < changed < 0.6
+
+
+def test_quant_drop_masks_follow_prob_and_seed() -> None:
+    like = torch.zeros(8, 16, 5, 5)
+    masks = [QuantDrop(0.3, seed=7).mask(like) for _ in range(2)]
+    assert torch.equal(masks[0], masks[1])  # same seed, same first mask
+    dropper = QuantDrop(0.3, seed=7)
+    stacked = torch.stack([dropper.mask(like) for _ in range(50)])
+    assert set(stacked.unique().tolist()) <= {0.0, 1.0}
+    assert abs(stacked.mean().item() - 0.3) < 0.02
+    # per element, keeping is close to independent across calls
+    per_element = stacked.flatten(1).mean(0)
+    assert per_element.std().item() < 0.1
+    with pytest.raises(ValueError, match="drop probability"):
+        QuantDrop(1.0, seed=0)
