@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import genq_core
-from genq_core.bench.classifiers import evaluate_top1
+from genq_core.bench.classifiers import BNConvNet, evaluate_top1
 from genq_core.bench.fashion_mnist import (
     load_split,
     normalize,
@@ -144,30 +144,6 @@ def main() -> None:
             json.dumps(result, indent=2) + "\n"
         )
         _write_section(table, SECTION + (f"-{args.tag}" if args.tag else ""))
-
-
-class BNConvNet(nn.Module):
-    """Four 3x3 conv-BN-ReLU layers (32, 32, 64, 64 channels, max-pool after each pair) and a
-    linear classifier, for ``[N, 1, 28, 28]`` inputs."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-
-        def conv(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-        self.features = nn.Sequential(
-            *conv(1, 32),
-            *conv(32, 32),
-            nn.MaxPool2d(2),
-            *conv(32, 64),
-            *conv(64, 64),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Linear(64 * 7 * 7, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
 
 
 def _classifier(x_train: torch.Tensor, y_train: torch.Tensor, retrain: bool) -> BNConvNet:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "BNConvNet",
     "BasicBlock",
     "SmallResNet",
     "TrainConfig",
@@ -28,6 +29,30 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class BNConvNet(nn.Module):
+    """Four 3x3 conv-BN-ReLU layers (32, 32, 64, 64 channels, max-pool after each pair) and a
+    linear classifier, for ``[N, 1, 28, 28]`` inputs."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *conv(1, 32),
+            *conv(32, 32),
+            nn.MaxPool2d(2),
+            *conv(32, 64),
+            *conv(64, 64),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(64 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
 
 
 class SmallResNet(nn.Module):
