@@ -1,12 +1,14 @@
 """The ``genq`` command line.
 
-``genq quantize`` quantizes a float classifier on a folder of calibration images (or a tensor file)
+``genq run CONFIG --out DIR`` runs the GenQ pipeline (generate, filter, quantize, evaluate) from a
+YAML/JSON config. ``genq quantize`` quantizes a float classifier on a folder of calibration images (or a tensor file)
 and, given a labelled evaluation set, reports float vs quantized accuracy as JSON and markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -28,10 +30,10 @@ from genq_core.data import (
     load_tensor_file,
 )
 from genq_core.evaluate import accuracy, agreement, layer_sqnr, model_size, output_sqnr
+from genq_core.progress import Canceled
 from genq_core.quant import (
     PRESETS,
     QuantConfig,
-    QuantizationCanceled,
     ReconstructionConfig,
     export_onnx_qdq,
     quantize_model,
@@ -59,9 +61,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"genq: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except QuantizationCanceled:
+    except Canceled:
         print("genq: canceled", file=sys.stderr)
         return 130
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``genq run``: the whole pipeline from a config file, with progress bars."""
+    # imported here: the pipeline pulls in diffusers, which ``genq quantize`` does not need
+    from genq_core.pipeline import load_genq_config, markdown_report, run_genq
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_genq_config(args.config)
+    if args.device:
+        config = dataclasses.replace(config, device=args.device)
+    out = Path(args.out)
+    with _ProgressBars(disable=args.quiet) as bars:
+        result = run_genq(config, out, on_progress=bars.update)
+    print(markdown_report(result.report))
+    print(f"wrote {len(result.artifacts)} artifacts under {out} (listed in artifacts.json)")
+    return 0
 
 
 def quantize_command(args: argparse.Namespace) -> int:
@@ -116,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=genq_core.__version__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    r = commands.add_parser("run", help="generate calibration data and quantize (GenQ pipeline)")
+    r.set_defaults(handler=run_command)
+    r.add_argument("config", help="YAML or JSON config (see examples/)")
+    r.add_argument("--out", required=True, help="output folder for every artifact")
+    r.add_argument("--device", help="override the config's device (cpu, cuda, cuda:1)")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     q = commands.add_parser("quantize", help="quantize a classifier on calibration images")
     q.set_defaults(handler=quantize_command)

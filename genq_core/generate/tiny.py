@@ -173,3 +173,20 @@ def _clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     if len(tokens) != CLIP_VOCAB_SIZE:
         raise RuntimeError(f"open_clip's BPE file gave {len(tokens)} tokens, not {CLIP_VOCAB_SIZE}")
     return {token: i for i, token in enumerate(tokens)}, tuple(merges)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m genq_core.generate.tiny FOLDER [--size N]``: save a tiny random pipeline."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_tiny_pipeline(args.size, args.seed).save_pretrained(args.folder)
+    print(f"saved a tiny random StableDiffusionPipeline ({args.size}px) to {args.folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,12 +6,14 @@ quantized model can rebuild the exact same module tree from the float model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from timm.layers import BatchNormAct2d
 from timm.models.vision_transformer import Attention as TimmAttention
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
@@ -132,7 +134,8 @@ def prepare_model(
     trace = _trace(work, example_input)
     if not trace.layer_order:
         raise UnsupportedModuleError("model has no Conv2d or Linear layer that runs in forward()")
-    with torch.no_grad():
+    # full fp32 for the comparison: TF32 convolutions (a CUDA default) differ by more than folding
+    with torch.no_grad(), _full_fp32():
         reference = work(example_input)
         fold_batchnorm(work, trace.bn_pairs)
         folded = work(example_input)
@@ -189,7 +192,9 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
         bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
         layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
         layer.bias = nn.Parameter(((bias - bn.running_mean) * factor + beta).detach(), False)
-        model.set_submodule(bn_name, nn.Identity())
+        # timm's BatchNormAct2d keeps its dropout and activation
+        rest = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+        model.set_submodule(bn_name, rest)
 
 
 def _trace(model: nn.Module, example_input: torch.Tensor) -> _ForwardTrace:
@@ -288,10 +293,11 @@ def _is_plain_layer(module: nn.Module) -> bool:
 
 
 def _is_foldable_bn(module: nn.Module) -> bool:
-    """A BatchNorm with running statistics and the standard forward (no fused activation)."""
+    """A BatchNorm with running statistics and the standard forward (or timm's BN + act)."""
+    standard_forward = (nn.modules.batchnorm._BatchNorm.forward, BatchNormAct2d.forward)
     return (
         isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+        and type(module).forward in standard_forward
         and module.running_mean is not None
         and module.track_running_stats
     )
@@ -301,6 +307,17 @@ def _is_timm_layer_scale(module: nn.Module) -> bool:
     from timm.layers import LayerScale, LayerScale2d
 
     return isinstance(module, LayerScale | LayerScale2d)
+
+
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """Turn TF32 convolutions and matmuls off (CUDA), restoring the caller's settings."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _check_same_outputs(

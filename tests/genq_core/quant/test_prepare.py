@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -136,3 +137,19 @@ def test_vit_block_inputs_quantized_on_request(tiny_vit: nn.Module) -> None:
     wrapped = [name for name, m in qmodel.model.named_modules() if isinstance(m, QuantInput)]
     assert wrapped == ["blocks.0", "blocks.1"]
     assert [name for name, _ in qmodel.quant_layers()][1] == "blocks.0.module.attn.qkv"
+
+
+def test_timm_batchnorm_act_is_folded_and_keeps_its_activation() -> None:
+    model = timm.create_model("mobilenetv2_035", pretrained=False, num_classes=3).eval()
+    with torch.no_grad():  # non-trivial running statistics
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    qmodel = prepare_model(model, QuantConfig(), x)
+    qmodel.set_quant_state(weights=False, activations=False)
+    left = [m for m in qmodel.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert left == []
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,760 @@
+"""The GenQ pipeline: generate calibration images, filter them, quantize, evaluate, write it all.
+
+``run_genq(config, output)`` runs the steps below in order, each reporting progress and polling
+for cancellation. The calibration source decides steps 3-5:
+
+* ``genq``: images from the diffusion model, then the filters (energy, then distribution);
+* ``generated``: images from the diffusion model, unfiltered;
+* ``real``: a labelled folder (one sub-folder per class) or an unlabelled folder of images;
+* ``noise``: Gaussian noise in the classifier's normalised input space;
+* ``inversion``: model inversion of the BatchNorm statistics (ZeroQ / Genie style).
+
+With ``data_scarce`` set, a style token is first learned from a few real images per class
+(textual inversion) and every prompt uses it. Outputs, all under the output storage:
+
+* ``synthetic/images/CCCC/NNNNNN.png`` and ``synthetic/manifest.jsonl`` (prompt, seed, filter
+  scores, kept or dropped per image) for generated sources;
+* ``calibration/images.safetensors`` (the preprocessed calibration tensor) for the other sources;
+* ``tokens/tokens.safetensors`` (learned token embeddings) in the data-scarce mode;
+* ``model/model.safetensors`` and ``model/encodings.json`` (the quantized model);
+* ``report.json``, ``report.md`` and ``config.json`` (the resolved config and versions);
+* ``artifacts.json``: every artifact above with its size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from safetensors.torch import save as save_tensors
+
+import genq_core
+from genq_core.baselines import ModelInversionConfig, gaussian_noise, model_inversion
+from genq_core.classifier import Builder, ClassifierConfig, LoadedClassifier, load
+from genq_core.configio import load_config, to_dict
+from genq_core.data import load_image_folder, load_labelled_image_folder
+from genq_core.evaluate import accuracy, agreement, model_size
+from genq_core.filters import FilterConfig, FilterReport, apply_filters
+from genq_core.generate import (
+    GenerationConfig,
+    build_specs,
+    generate_images,
+    load_generator,
+    load_images,
+)
+from genq_core.inversion import (
+    TextualInversionConfig,
+    apply_tokens,
+    class_tokens,
+    learn_tokens,
+    load_kshot_folder,
+    save_tokens,
+)
+from genq_core.manifest import ManifestRecord, write_manifest
+from genq_core.progress import ProgressFn, StopFn, check_stop
+from genq_core.quant import QuantConfig, quantize_model
+from genq_core.quant.export import save_quantized
+from genq_core.storage import LocalStorage, Storage
+
+__all__ = [
+    "CalibrationConfig",
+    "DataScarceConfig",
+    "EvaluationConfig",
+    "GenQConfig",
+    "GenQResult",
+    "GeneratorConfig",
+    "load_genq_config",
+    "markdown_report",
+    "run_genq",
+]
+
+logger = logging.getLogger(__name__)
+
+CalibrationSource = Literal["genq", "generated", "real", "noise", "inversion"]
+GENERATED_SOURCES = ("genq", "generated")
+SYNTHETIC_PREFIX = "synthetic"
+MANIFEST_KEY = f"{SYNTHETIC_PREFIX}/manifest.jsonl"
+TOKENS_KEY = "tokens/tokens.safetensors"
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The text-to-image model.
+
+    Attributes:
+        source: a hub id (``stabilityai/sd-turbo``) or a local ``save_pretrained`` folder.
+        dtype: ``auto`` is float16 on CUDA and float32 on the CPU.
+    """
+
+    source: str | None = None
+    dtype: Literal["auto", "float16", "float32"] = "auto"
+
+
+@dataclass(frozen=True)
+class DataScarceConfig:
+    """The data-scarce mode: a few real images per class steer generation.
+
+    Attributes:
+        kshot_dir: a folder with one sub-folder of real images per class (sub-folder names are
+            class names of the classifier).
+        inversion: textual inversion settings.
+    """
+
+    kshot_dir: str
+    inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+
+    def __post_init__(self) -> None:
+        if not self.kshot_dir.strip():
+            raise ValueError("kshot_dir: must not be empty")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where the calibration images come from (see the module docstring).
+
+    Attributes:
+        source: ``genq``, ``generated``, ``real``, ``noise`` or ``inversion``.
+        real_dir: the image folder of the ``real`` source.
+        num_images: images made by the ``noise`` and ``inversion`` sources (generated sources
+            make ``generation.num_per_class`` per class; the quantizer uses at most
+            ``quant.max_calibration_images``).
+        noise_std: standard deviation of the ``noise`` source in normalised input space.
+        model_inversion: settings of the ``inversion`` source.
+    """
+
+    source: CalibrationSource = "genq"
+    real_dir: str | None = None
+    num_images: int = 1024
+    noise_std: float = 1.0
+    model_inversion: ModelInversionConfig = field(default_factory=ModelInversionConfig)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("genq", "generated", "real", "noise", "inversion"):
+            raise ValueError(
+                f"source: must be genq, generated, real, noise or inversion, got {self.source!r}"
+            )
+        if self.source == "real" and not self.real_dir:
+            raise ValueError("real_dir: the 'real' source needs a folder of images")
+        if self.num_images < 1:
+            raise ValueError(f"num_images: must be >= 1, got {self.num_images}")
+        if self.noise_std <= 0:
+            raise ValueError(f"noise_std: must be > 0, got {self.noise_std}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How the quantized model is judged.
+
+    Attributes:
+        eval_dir: a labelled folder (one sub-folder per class, named like the classifier's
+            classes): top-1/top-5 of the float and quantized models on it.
+        holdout_fraction: without ``eval_dir``, this fraction of the calibration images (per
+            class where labels exist) is held out of calibration and the quantized model's
+            agreement with the float model is measured on it.
+        batch_size: images per forward pass.
+    """
+
+    eval_dir: str | None = None
+    holdout_fraction: float = 0.1
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction: must be in [0, 1), got {self.holdout_fraction}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class GenQConfig:
+    """Everything one GenQ run needs; loads from YAML/JSON with :func:`load_genq_config`.
+
+    Attributes:
+        classifier: the float classifier.
+        generator: the diffusion model (generated sources and the data-scarce mode).
+        generation: prompts, seeds, guidance, steps, resolution, batch size.
+        filters: the filters of the ``genq`` source.
+        calibration: where the calibration images come from.
+        data_scarce: the data-scarce mode, off when ``None``.
+        quant: bit widths and method; ``None`` stops after the calibration set (a dataset job).
+        evaluation: how the quantized model is judged.
+        device: ``cpu``, ``cuda``, ``cuda:1``.
+    """
+
+    classifier: ClassifierConfig
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    data_scarce: DataScarceConfig | None = None
+    quant: QuantConfig | None = field(default_factory=QuantConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        needs_generator = (
+            self.calibration.source in GENERATED_SOURCES or self.data_scarce is not None
+        )
+        if needs_generator and not self.generator.source:
+            raise ValueError(
+                f"generator.source: calibration source {self.calibration.source!r}"
+                + (" with data_scarce" if self.data_scarce is not None else "")
+                + " needs a diffusion model (a hub id or a local folder)"
+            )
+        if self.data_scarce is not None and self.calibration.source not in GENERATED_SOURCES:
+            raise ValueError(
+                "data_scarce: only applies to generated sources (calibration.source genq or "
+                f"generated), not {self.calibration.source!r}"
+            )
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device: {err}") from err
+
+
+@dataclass
+class GenQResult:
+    """What :func:`run_genq` made.
+
+    Attributes:
+        report: the JSON report (also written as ``report.json``).
+        artifacts: ``{name, key, size, sha256, content_type}`` of every artifact written.
+        quantized: the quantized model (``None`` when ``quant`` is ``None``).
+        calibration: the calibration images the quantizer used (``[N, C, H, W]``, CPU).
+    """
+
+    report: dict[str, Any]
+    artifacts: list[dict[str, Any]]
+    quantized: torch.nn.Module | None
+    calibration: torch.Tensor
+
+
+@dataclass
+class _Calibration:
+    """Calibration images of one source, with labels and manifest records when it has them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    records: list[ManifestRecord]
+    seconds: float
+    made: int
+
+
+def run_genq(
+    config: GenQConfig,
+    output: Storage | str | Path,
+    *,
+    builder: Builder | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> GenQResult:
+    """Make a calibration set for ``config.classifier``, quantize it, and write every artifact.
+
+    Args:
+        config: the resolved run configuration.
+        output: a :class:`~genq_core.storage.Storage` or a local folder.
+        builder: the classifier's builder callable when ``config.classifier.source`` is
+            ``"builder"`` without a name.
+        on_progress: ``on_progress(stage, done, total)`` with stages ``invert``, ``generate``,
+            ``filter:*``, ``calibrate``, ``reconstruct``, ``evaluate``.
+        should_stop: polled between batches, steps and blocks; True raises a
+            :class:`~genq_core.progress.Canceled` subclass.
+
+    Raises:
+        ValueError: a bad config or input (the message names it).
+        FileNotFoundError: a model file or folder that does not exist.
+        Canceled: ``should_stop()`` returned True.
+    """
+    # 1. check config
+    if not isinstance(config, GenQConfig):
+        raise ValueError(f"config must be a GenQConfig, got {type(config).__name__}")
+    storage = LocalStorage(output) if isinstance(output, str | Path) else output
+    device = torch.device(config.device)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    artifacts: list[dict[str, Any]] = []
+
+    # 2. load models
+    clock = time.perf_counter()
+    classifier = load(config.classifier, builder, device=device)
+    pipe = None
+    if config.calibration.source in GENERATED_SOURCES:
+        assert config.generator.source is not None  # checked by GenQConfig
+        pipe = load_generator(
+            config.generator.source,
+            device,
+            dtype=_generator_dtype(config.generator.dtype, device),
+            scheduler=config.generation.scheduler,
+        )
+    timings["load"] = time.perf_counter() - clock
+
+    # 3. data-scarce mode: learn the style token from the k-shot images
+    style_token: str | None = None
+    tokens_by_class: dict[str, str] | None = None
+    if config.data_scarce is not None:
+        assert pipe is not None
+        clock = time.perf_counter()
+        style_token, tokens_by_class = _learn_style(
+            pipe, classifier, config, storage, artifacts, on_progress, should_stop
+        )
+        timings["invert"] = time.perf_counter() - clock
+
+    # 4. calibration images from the source
+    check_stop(should_stop, "before making calibration images")
+    source = _make_calibration(
+        config, classifier, pipe, storage, style_token, tokens_by_class, on_progress, should_stop
+    )
+    timings["source"] = source.seconds
+
+    # 5. filters (the genq source)
+    filter_report: FilterReport | None = None
+    keep = torch.ones(source.images.shape[0], dtype=torch.bool)
+    if config.calibration.source == "genq":
+        assert source.labels is not None
+        clock = time.perf_counter()
+        filter_report = apply_filters(
+            classifier.model,
+            source.images,
+            source.labels,
+            config.filters,
+            clip_images=_clip_images(storage, source.records) if config.filters.clip else None,
+            prompts=[record.prompt for record in source.records],
+            class_names=classifier.class_names,
+            device=device,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
+        keep = filter_report.final.clone()
+        timings["filter"] = time.perf_counter() - clock
+    if source.records:
+        for i, record in enumerate(source.records):
+            if filter_report is not None:
+                scores, kept = filter_report.per_image(i)
+                record.scores.update(scores)
+                record.kept.update(kept)
+            record.kept_final = bool(keep[i])
+        write_manifest(storage, MANIFEST_KEY, source.records)
+        artifacts.append(
+            _describe("synthetic-manifest", MANIFEST_KEY, storage.get_bytes(MANIFEST_KEY))
+        )
+    kept_images = source.images[keep]
+    kept_labels = source.labels[keep] if source.labels is not None else None
+    if kept_images.shape[0] == 0:
+        raise ValueError("no calibration images left after filtering")
+    if not source.records:
+        _put(
+            storage,
+            artifacts,
+            "calibration-set",
+            "calibration/images.safetensors",
+            save_tensors(_calibration_tensors(kept_images, kept_labels)),
+        )
+
+    # 6. quantize on all kept images but the held-out ones
+    qmodel = None
+    calibration, holdout = _split_holdout(kept_images, kept_labels, config)
+    evaluation: dict[str, Any] = {}
+    if config.quant is not None:
+        clock = time.perf_counter()
+        qmodel = quantize_model(
+            classifier.model,
+            config.quant,
+            calibration,
+            device=device,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
+        timings["quantize"] = time.perf_counter() - clock
+
+        # 7. evaluate
+        clock = time.perf_counter()
+        evaluation = _evaluate(classifier, qmodel, holdout, config, device, on_progress)
+        timings["evaluate"] = time.perf_counter() - clock
+
+    # 8. write artifacts
+    if qmodel is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            save_quantized(qmodel, folder)
+            for path in sorted(Path(folder).iterdir()):
+                _put(
+                    storage,
+                    artifacts,
+                    f"model-{path.stem}",
+                    f"model/{path.name}",
+                    path.read_bytes(),
+                )
+    resolved = {"config": to_dict(config), "versions": _versions()}
+    _put(storage, artifacts, "config", "config.json", _json_bytes(resolved))
+    report = _report(
+        config, classifier, source, filter_report, calibration, holdout, evaluation, qmodel, timings
+    )
+    report["seconds"] = time.perf_counter() - started
+    _put(storage, artifacts, "report", "report.json", _json_bytes(report))
+    _put(storage, artifacts, "report-markdown", "report.md", markdown_report(report).encode())
+    _put(storage, artifacts, "artifacts", "artifacts.json", _json_bytes({"artifacts": artifacts}))
+    return GenQResult(report, artifacts, qmodel, calibration.cpu())
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The human-readable form of a :func:`run_genq` report."""
+    lines = [
+        "# GenQ report",
+        "",
+        f"- classifier: `{report['classifier']}` ({report['num_classes']} classes)",
+        f"- calibration source: **{report['source']['name']}**, "
+        f"{report['source']['made']} images made in {report['source']['seconds']:.1f} s "
+        f"({report['source']['seconds_per_1000']:.1f} s per 1000), "
+        f"{report['calibration_images']} used for calibration",
+    ]
+    if report.get("quant"):
+        quant = report["quant"]
+        lines.append(
+            f"- quantization: W{quant['weight_bits']}A{quant['act_bits']} `{quant['preset']}`"
+        )
+    evaluation = report.get("evaluation") or {}
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| measure | float | quantized |", "|---|---|---|"]
+        for key in ("top1", "top5"):
+            if key in evaluation.get("float", {}):
+                lines.append(
+                    f"| {key} (%) | {evaluation['float'][key]:.2f} | "
+                    f"{evaluation['quantized'][key]:.2f} |"
+                )
+        if "agreement" in evaluation:
+            lines.append(f"| agreement with float (%) | 100.00 | {evaluation['agreement']:.2f} |")
+        if "size" in evaluation:
+            size = evaluation["size"]
+            lines.append(
+                f"| weights (bytes) | {size['float_bytes']} | {size['quantized_bytes']} "
+                f"({size['compression']:.1f}x smaller) |"
+            )
+        lines += ["", f"Evaluated on: {evaluation['on']}."]
+    filters = report.get("filters")
+    if filters:
+        lines += ["", filters["markdown"].strip()]
+    lines += ["", "## Time (s)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {seconds:.1f} |" for step, seconds in report["timings"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def load_genq_config(path: str | Path) -> GenQConfig:
+    """A :class:`GenQConfig` from a YAML or JSON file (unknown keys and bad values name the key)."""
+    return load_config(GenQConfig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def _learn_style(
+    pipe: Any,
+    classifier: LoadedClassifier,
+    config: GenQConfig,
+    storage: Storage,
+    artifacts: list[dict[str, Any]],
+    on_progress: ProgressFn | None,
+    should_stop: StopFn | None,
+) -> tuple[str, dict[str, str] | None]:
+    """Textual inversion on the k-shot folder; the tokens are stored and added to ``pipe``."""
+    assert config.data_scarce is not None
+    inversion = config.data_scarce.inversion
+    images, labels, folder_names = load_kshot_folder(config.data_scarce.kshot_dir)
+    unknown = sorted(set(folder_names) - set(classifier.class_names))
+    if unknown:
+        raise ValueError(
+            f"data_scarce.kshot_dir: class folders {unknown} are not classes of the classifier"
+        )
+    tokens = learn_tokens(
+        pipe,
+        images,
+        labels,
+        folder_names,
+        inversion,
+        device=config.device,
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
+    data = save_tokens(tokens)
+    _put(storage, artifacts, "tokens", TOKENS_KEY, data)
+    apply_tokens(pipe, data)
+    per_class = class_tokens(folder_names, inversion) or None
+    return inversion.style_token, per_class
+
+
+def _make_calibration(
+    config: GenQConfig,
+    classifier: LoadedClassifier,
+    pipe: Any,
+    storage: Storage,
+    style_token: str | None,
+    tokens_by_class: dict[str, str] | None,
+    on_progress: ProgressFn | None,
+    should_stop: StopFn | None,
+) -> _Calibration:
+    """Step 4: the images of ``config.calibration.source``, timed."""
+    calibration = config.calibration
+    preprocessing = classifier.preprocessing
+    clock = time.perf_counter()
+    if calibration.source in GENERATED_SOURCES:
+        generation = config.generation
+        specs = build_specs(
+            classifier.class_names,
+            generation.num_per_class,
+            generation.templates,
+            generation.adjectives,
+            generation.seed,
+            style_token=style_token,
+            class_tokens=tokens_by_class,
+        )
+        records = generate_images(
+            pipe,
+            specs,
+            generation,
+            storage,
+            SYNTHETIC_PREFIX,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
+        seconds = time.perf_counter() - clock
+        images = load_images(storage, records, preprocessing)
+        labels = torch.tensor([record.class_index for record in records], dtype=torch.long)
+        return _Calibration(images, labels, records, seconds, len(records))
+    if calibration.source == "real":
+        assert calibration.real_dir is not None
+        real, real_labels = _real_images(Path(calibration.real_dir), classifier)
+        return _Calibration(real, real_labels, [], time.perf_counter() - clock, real.shape[0])
+    if calibration.source == "noise":
+        # noise with the data's first two moments in the normalised space (mean 0)
+        images = gaussian_noise(
+            calibration.num_images,
+            preprocessing.input_size,
+            seed=config.generation.seed,
+            std=calibration.noise_std,
+        )
+        return _Calibration(images, None, [], time.perf_counter() - clock, images.shape[0])
+    images, labels = model_inversion(
+        classifier.model,
+        calibration.num_images,
+        preprocessing.input_size,
+        classifier.num_classes,
+        calibration.model_inversion,
+        device=config.device,
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
+    return _Calibration(
+        images.cpu(), labels.cpu(), [], time.perf_counter() - clock, images.shape[0]
+    )
+
+
+def _real_images(
+    folder: Path, classifier: LoadedClassifier
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A labelled folder (sub-folders named like classes) or a flat folder of images."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration.real_dir: folder {folder} does not exist")
+    sub_folders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not sub_folders:
+        return load_image_folder(folder, classifier.preprocessing), None
+    images, labels, _ = _labelled_folder(folder, classifier, "calibration.real_dir")
+    return images, labels
+
+
+def _labelled_folder(
+    folder: Path, classifier: LoadedClassifier, field_name: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images of a folder whose sub-folders are class names, labelled by the classifier's index."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    unknown = sorted(set(names) - set(classifier.class_names))
+    if unknown:
+        raise ValueError(f"{field_name}: class folders {unknown} are not classes of the classifier")
+    images, local, _ = load_labelled_image_folder(folder, classifier.preprocessing, names)
+    index = torch.tensor([classifier.class_names.index(name) for name in names])
+    return images, index[local], names
+
+
+def _clip_images(storage: Storage, records: list[ManifestRecord]) -> list[Image.Image]:
+    """The generated images as PIL images (CLIP has its own preprocessing)."""
+    return [Image.open(io.BytesIO(storage.get_bytes(r.key))).convert("RGB") for r in records]
+
+
+def _split_holdout(
+    images: torch.Tensor, labels: torch.Tensor | None, config: GenQConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration images and, without an eval folder, the held-out last part of each class."""
+    fraction = config.evaluation.holdout_fraction
+    if config.quant is None or config.evaluation.eval_dir is not None or fraction == 0.0:
+        return images, None
+    groups = (
+        [torch.arange(images.shape[0])]
+        if labels is None
+        else [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    )
+    held: list[torch.Tensor] = []
+    for rows in groups:
+        count = min(math.ceil(fraction * rows.numel()), rows.numel() - 1)
+        if count > 0:
+            held.append(rows[rows.numel() - count :])
+    if not held:
+        return images, None
+    held_rows = torch.cat(held)
+    mask = torch.ones(images.shape[0], dtype=torch.bool)
+    mask[held_rows] = False
+    return images[mask], images[held_rows]
+
+
+def _evaluate(
+    classifier: LoadedClassifier,
+    qmodel: torch.nn.Module,
+    holdout: torch.Tensor | None,
+    config: GenQConfig,
+    device: torch.device,
+    on_progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """Step 7: accuracy on the eval folder, or agreement on the held-out images; model size."""
+    result: dict[str, Any] = {}
+    batch = config.evaluation.batch_size
+    if config.evaluation.eval_dir is not None:
+        images, labels, _ = _labelled_folder(
+            Path(config.evaluation.eval_dir), classifier, "evaluation.eval_dir"
+        )
+        result["on"] = f"{images.shape[0]} labelled images from {config.evaluation.eval_dir}"
+        result["float"] = accuracy(
+            classifier.model, (images, labels), device=device, batch_size=batch
+        )
+        result["quantized"] = accuracy(qmodel, (images, labels), device=device, batch_size=batch)
+        result["agreement"] = agreement(classifier.model, qmodel, images, device, batch)
+    elif holdout is not None:
+        result["on"] = f"{holdout.shape[0]} held-out calibration-source images"
+        result["agreement"] = agreement(classifier.model, qmodel, holdout, device, batch)
+    else:
+        result["on"] = "nothing (no eval_dir and no held-out images)"
+    result["size"] = _size_dict(model_size(qmodel))  # type: ignore[arg-type]
+    if on_progress is not None:
+        on_progress("evaluate", 1, 1)
+    return result
+
+
+def _report(
+    config: GenQConfig,
+    classifier: LoadedClassifier,
+    source: _Calibration,
+    filter_report: FilterReport | None,
+    calibration: torch.Tensor,
+    holdout: torch.Tensor | None,
+    evaluation: dict[str, Any],
+    qmodel: torch.nn.Module | None,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    name = config.classifier.name or str(config.classifier.weights)
+    report: dict[str, Any] = {
+        "classifier": name,
+        "num_classes": classifier.num_classes,
+        "source": {
+            "name": config.calibration.source,
+            "made": source.made,
+            "seconds": source.seconds,
+            "seconds_per_1000": 1000.0 * source.seconds / max(source.made, 1),
+        },
+        "calibration_images": int(calibration.shape[0]),
+        "holdout_images": 0 if holdout is None else int(holdout.shape[0]),
+        "calibration_stats": {
+            "mean": float(calibration.mean()),
+            "std": float(calibration.std()) if calibration.numel() > 1 else 0.0,
+        },
+        "quant": None
+        if config.quant is None
+        else {
+            "weight_bits": config.quant.weight_bits,
+            "act_bits": config.quant.act_bits,
+            "preset": config.quant.preset,
+        },
+        "evaluation": evaluation,
+        "timings": timings,
+        "versions": _versions(),
+    }
+    if filter_report is not None:
+        report["filters"] = {**filter_report.to_dict(), "markdown": filter_report.markdown()}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _generator_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float16" or (name == "auto" and device.type == "cuda"):
+        return torch.float16
+    return torch.float32
+
+
+def _calibration_tensors(
+    images: torch.Tensor, labels: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    tensors = {"images": images.contiguous()}
+    if labels is not None:
+        tensors["labels"] = labels.contiguous()
+    return tensors
+
+
+def _put(
+    storage: Storage, artifacts: list[dict[str, Any]], name: str, key: str, data: bytes
+) -> None:
+    content_type = _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream")
+    storage.put_bytes(key, data, content_type)
+    artifacts.append(_describe(name, key, data))
+
+
+def _describe(name: str, key: str, data: bytes) -> dict[str, Any]:
+    return {
+        "name": name,
+        "key": key,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "content_type": _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream"),
+    }
+
+
+_CONTENT_TYPES = {
+    ".json": "application/json",
+    ".jsonl": "application/x-ndjson",
+    ".md": "text/markdown",
+    ".safetensors": "application/octet-stream",
+    ".png": "image/png",
+}
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, allow_nan=False, default=str) + "\n").encode()
+
+
+def _size_dict(size: Any) -> dict[str, Any]:
+    return {
+        "float_bytes": size.float_bytes,
+        "quantized_bytes": size.quantized_bytes,
+        "compression": size.compression,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import timm
+
+    return {
+        "genq": genq_core.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "diffusers": diffusers.__version__,
+    }
