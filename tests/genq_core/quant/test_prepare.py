@@ -144,6 +144,7 @@ def test_timm_batchnorm_act_is_folded_and_keeps_its_activation() -> None:
     with torch.no_grad():  # non-trivial running statistics
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 3, 32, 32)
