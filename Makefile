@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lint test test-all bench-quant clean
+.PHONY: install lint test test-all bench-quant example clean
 
 install:
 	scripts/install.sh
@@ -20,6 +20,11 @@ test-all: install
 
 bench-quant: install
 	$(BIN)/python benchmarks/quant_engine.py
+
+# GenQ end to end on CPU with tiny models (a random tiny diffusion model, the benchmark's BN CNN)
+example: install
+	$(BIN)/python -m genq_core.generate.tiny runs/tiny-sd
+	$(BIN)/genq run examples/fashion_tiny.yaml --out runs/fashion-tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
