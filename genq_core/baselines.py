@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genq_core.devices import on_device
 from genq_core.progress import Canceled, ProgressFn, StopFn, check_stop
 
 __all__ = [
@@ -169,7 +169,7 @@ def model_inversion(
         raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
     _batchnorms(model)
     target = torch.device(device)
-    net = model if _is_on(model, target) else copy.deepcopy(model).to(target)
+    net = on_device(model, target)
 
     # 2. initial noise and target labels, all drawn up front so batches don't depend on each other
     generator = torch.Generator().manual_seed(config.seed)
@@ -316,14 +316,6 @@ def _per_channel(name: str, value: float | Sequence[float], dims: tuple[int, ...
     if values.numel() != dims[0]:
         raise ValueError(f"{name} needs 1 or {dims[0]} values (one per channel), got {len(values)}")
     return values.view(-1, *([1] * (len(dims) - 1)))
-
-
-def _is_on(model: nn.Module, device: torch.device) -> bool:
-    param = next(model.parameters(), None)
-    if param is None:
-        return True
-    same_index = device.index is None or param.device.index == device.index
-    return param.device.type == device.type and same_index
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from genq_core.devices import is_on
 from genq_core.progress import Canceled
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def evaluating(model: nn.Module, device: str | torch.device) -> Iterator[nn.Modu
     afterwards; a model elsewhere is deep-copied to ``device`` so the caller's model never moves.
     """
     target = torch.device(device)
-    if _is_on(model, target):
+    if is_on(model, target):
         flags = [(module, module.training) for module in model.modules()]
         try:
             yield model.eval()
@@ -76,14 +77,3 @@ def model_dtype(model: nn.Module) -> torch.dtype:
         if param.is_floating_point():
             return param.dtype
     return torch.float32
-
-
-def _is_on(model: nn.Module, device: torch.device) -> bool:
-    tensors = [*model.parameters(), *model.buffers()]
-    if not tensors:
-        return True
-    for tensor in tensors:
-        same_index = device.index is None or tensor.device.index == device.index
-        if tensor.device.type != device.type or not same_index:
-            return False
-    return True

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from genq_core.devices import on_device
 from genq_core.quant.calibration import ActivationObserver
 from genq_core.quant.config import QuantConfig
 from genq_core.quant.prepare import QuantizedModel, prepare_model
@@ -62,7 +62,7 @@ def quantize_model(
     images = collect_images(calibration_data, config.max_calibration_images).to(target)
 
     # 2. copy, fold BatchNorm, swap in quantizers
-    source = model if _is_on(model, target) else _copy_to(model, target)
+    source = on_device(model, target)  # prepare_model copies again; the caller's stays put
     qmodel = prepare_model(source, config, images[:2]).to(target)
 
     # 3. range calibration of weights and activations
@@ -168,16 +168,3 @@ def _observe(observer: ActivationObserver) -> Callable[..., None]:
         observer.update(args[0])
 
     return hook
-
-
-def _is_on(model: nn.Module, device: torch.device) -> bool:
-    param = next(model.parameters(), None)
-    if param is None:
-        return True
-    same_index = device.index is None or param.device.index == device.index
-    return param.device.type == device.type and same_index
-
-
-def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
-    """A float copy on ``device`` (``prepare_model`` copies again; the caller's model stays put)."""
-    return copy.deepcopy(model).to(device)
