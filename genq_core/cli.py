@@ -3,6 +3,7 @@
 ``genq run CONFIG --out DIR`` runs the GenQ pipeline (generate, filter, quantize, evaluate) from a
 YAML/JSON config. ``genq quantize`` quantizes a float classifier on a folder of calibration images (or a tensor file)
 and, given a labelled evaluation set, reports float vs quantized accuracy as JSON and markdown.
+``genq bench fashion`` runs the reference benchmark on Fashion-MNIST (``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -131,6 +134,69 @@ def quantize_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_fashion_command(args: argparse.Namespace) -> int:
+    """``genq bench fashion``: the reference benchmark (every source, setting, seed)."""
+    # imported here: the benchmark pulls in diffusers and the Fashion-MNIST assets
+    from genq_core.bench.fashion_bench import BenchConfig, parse_setting, run_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.quiet:
+        logging.getLogger("genq_core.bench.fashion_bench").setLevel(logging.INFO)
+    overrides: dict[str, Any] = {}
+    for key, field in (("models", "models"), ("sources", "sources"), ("presets", "presets")):
+        if getattr(args, key):
+            overrides[field] = tuple(_names(getattr(args, key)))
+    if args.settings:
+        overrides["settings"] = tuple(parse_setting(s) for s in _names(args.settings))
+    if args.data_scarce_settings:
+        overrides["data_scarce_settings"] = tuple(
+            parse_setting(s) for s in _names(args.data_scarce_settings)
+        )
+    if args.seeds:
+        overrides["seeds"] = tuple(int(s) for s in _names(args.seeds))
+    if args.ks:
+        overrides["data_scarce_ks"] = tuple(int(k) for k in _names(args.ks))
+    for key, field in (
+        ("iters", "iters"),
+        ("num_calib", "num_calibration"),
+        ("test_images", "test_images"),
+        ("steps", "steps"),
+        ("guidance", "guidance_scale"),
+        ("inversion_iters", "inversion_iters"),
+        ("ti_steps", "textual_inversion_steps"),
+        ("data_scarce_model", "data_scarce_model"),
+        ("assets", "assets_dir"),
+        ("generator", "generator_dir"),
+        ("device", "device"),
+    ):
+        if getattr(args, key) is not None:
+            overrides[field] = getattr(args, key)
+    if args.no_data_scarce:
+        overrides["data_scarce_model"] = None
+    config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genq"
+    work_dir = Path(
+        args.work_dir or cache / ("bench-fashion-quick" if args.quick else "bench-fashion")
+    )
+    out_dir = Path(
+        args.out or (work_dir / "report" if args.quick else "benchmarks/results/fashion")
+    )
+    benchmarks_md: Path | None = None
+    if args.benchmarks_md:
+        benchmarks_md = Path(args.benchmarks_md)
+    elif not args.quick and not args.no_benchmarks_md:
+        benchmarks_md = Path("BENCHMARKS.md")
+    result = run_benchmark(
+        config, work_dir, out_dir, benchmarks_md=benchmarks_md, command=_bench_command(args)
+    )
+    print(result.markdown)
+    written = [*result.files, *([benchmarks_md] if benchmarks_md else [])]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genq", description=__doc__)
     parser.add_argument("--version", action="version", version=genq_core.__version__)
@@ -186,7 +252,95 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--output", "-o", required=True, help="directory for the model and report")
     out.add_argument("--onnx", action="store_true", help="also export ONNX QDQ (8-bit only)")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    b = commands.add_parser("bench", help="reference benchmarks")
+    benchmarks = b.add_subparsers(required=True, metavar="BENCHMARK")
+    f = benchmarks.add_parser(
+        "fashion",
+        help="every calibration source through the same quantizer on Fashion-MNIST",
+        description="GenQ's reference benchmark: real data, GenQ, the generator without filters, "
+        "each filter alone, model inversion and noise, quantized at every setting and seed and "
+        "evaluated on the Fashion-MNIST test set; plus the data-scarce block on the shifted "
+        "target. Resumable: finished parts are kept in --work-dir.",
+    )
+    f.set_defaults(handler=bench_fashion_command)
+    f.add_argument("--quick", action="store_true", help="a reduced run of a few CPU minutes")
+    f.add_argument("--models", help="comma-separated classifiers (default resnet,vit)")
+    f.add_argument("--settings", help="comma-separated, e.g. W8A8,W4A4,W2A4,W4A4-fl4")
+    f.add_argument("--sources", help="comma-separated subset of the calibration sources")
+    f.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    f.add_argument("--presets", help="comma-separated presets (default qdrop,minmax)")
+    f.add_argument("--iters", type=_positive_int, help="reconstruction steps per block")
+    f.add_argument("--num-calib", type=_positive_int, help="calibration images per run")
+    f.add_argument("--test-images", type=_positive_int, help="evaluate on the first N only")
+    f.add_argument("--steps", type=_positive_int, help="DDIM steps per generated image")
+    f.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    f.add_argument("--inversion-iters", type=_positive_int, help="model inversion steps")
+    f.add_argument("--ti-steps", type=_positive_int, help="textual inversion steps")
+    f.add_argument("--ks", help="comma-separated k of the data-scarce block (default 1,5,10)")
+    f.add_argument("--data-scarce-model", help="the shifted target (default resnet_shifted)")
+    f.add_argument("--data-scarce-settings", help="comma-separated settings of that block")
+    f.add_argument("--no-data-scarce", action="store_true", help="skip the data-scarce block")
+    f.add_argument("--assets", help="assets folder (default benchmarks/assets)")
+    f.add_argument("--generator", help="generator folder (default <assets>/fashion-sd)")
+    f.add_argument(
+        "--work-dir", help="cache of pools, calibration sets and runs (default ~/.cache/genq/...)"
+    )
+    f.add_argument(
+        "--out",
+        help="results folder (default benchmarks/results/fashion; quick: <work-dir>/report)",
+    )
+    f.add_argument(
+        "--benchmarks-md", help="BENCHMARKS.md to update (default BENCHMARKS.md; quick: none)"
+    )
+    f.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md alone")
+    f.add_argument("--device", help="cpu (default), cuda, cuda:1")
+    f.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress logging")
     return parser
+
+
+# the options of ``genq bench fashion``, in the order the echoed command lists them
+_BENCH_FASHION_OPTIONS = (
+    "quick",
+    "models",
+    "settings",
+    "sources",
+    "seeds",
+    "presets",
+    "iters",
+    "num_calib",
+    "test_images",
+    "steps",
+    "guidance",
+    "inversion_iters",
+    "ti_steps",
+    "ks",
+    "data_scarce_model",
+    "data_scarce_settings",
+    "no_data_scarce",
+    "assets",
+    "generator",
+    "device",
+    "threads",
+)
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces the benchmark's numbers (paths of outputs left out)."""
+    words = ["genq", "bench", "fashion"]
+    for key in _BENCH_FASHION_OPTIONS:
+        value = getattr(args, key)
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is not None and value is not False:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _preprocessing(model: torch.nn.Module, args: argparse.Namespace) -> Preprocessing:

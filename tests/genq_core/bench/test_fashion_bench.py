@@ -1,0 +1,236 @@
+"""Tests for genq_core.bench.fashion_bench: the reference benchmark in a tiny configuration.
+
+The real Fashion-MNIST files and the committed BNConvNet weights are used; the generator is a
+tiny random Stable Diffusion saved to a temp folder, and the shifted target a randomly
+initialised SmallResNet registered in a temp ``classifiers.json`` (so both the manifest path and
+the fallback path run). Everything else is cut to a few images and steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from genq_core.bench import fashion_bench as fb
+from genq_core.bench.classifiers import small_resnet_fmnist
+from genq_core.bench.fashion_mnist import dataset_available
+from genq_core.cli import main
+from genq_core.generate.tiny import build_tiny_pipeline
+
+pytestmark = pytest.mark.skipif(
+    not dataset_available(),
+    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)",
+)
+
+ASSETS = Path(__file__).resolve().parents[3] / "benchmarks" / "assets"
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> fb.BenchConfig:
+    """Assets: the committed BNConvNet, a random shifted SmallResNet, a tiny generator."""
+    if not (ASSETS / fb.BN_CNN_WEIGHTS).is_file():
+        pytest.skip(f"{ASSETS / fb.BN_CNN_WEIGHTS} is missing")
+    assets = tmp_path_factory.mktemp("assets")
+    shutil.copy(ASSETS / fb.BN_CNN_WEIGHTS, assets / fb.BN_CNN_WEIGHTS)
+    torch.manual_seed(0)
+    target = small_resnet_fmnist()
+    weights = assets / "fmnist_resnet_shifted.safetensors"
+    save_file({k: v.contiguous() for k, v in target.state_dict().items()}, str(weights))
+    manifest = {
+        "models": {
+            "resnet_shifted": {
+                "builder": "genq_core.bench.classifiers:small_resnet_fmnist",
+                "weights": weights.name,
+                "sha256": fb._sha256(weights),
+                "domain": "shifted",
+            }
+        }
+    }
+    (assets / fb.CLASSIFIERS_MANIFEST).write_text(json.dumps(manifest))
+    generator = assets / "tiny-sd"
+    build_tiny_pipeline(sample_size=32).save_pretrained(generator)
+    return fb.BenchConfig(
+        models=("resnet",),  # not in the manifest: falls back to bn_cnn
+        settings=((4, 4, 8),),
+        seeds=(0,),
+        presets=("qdrop", "minmax"),
+        num_calibration=20,
+        iters=2,
+        steps=2,
+        inversion_iters=2,
+        data_scarce_ks=(1,),
+        data_scarce_settings=((4, 4, 8),),
+        textual_inversion_steps=2,
+        test_images=200,
+        assets_dir=str(assets),
+        generator_dir=str(generator),
+    )
+
+
+@pytest.fixture(scope="module")
+def bench_run(
+    tiny_config: fb.BenchConfig, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[fb.BenchResult, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    torch.set_num_threads(1)
+    result = fb.run_benchmark(
+        tiny_config,
+        root / "work",
+        root / "out",
+        benchmarks_md=root / "BENCHMARKS.md",
+        command="pytest tiny",
+    )
+    return result, root
+
+
+def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path]) -> None:
+    result, root = bench_run
+    report = json.loads((root / "out" / fb.RESULTS_JSON).read_text())
+
+    # the fallback model, noted
+    assert list(report["models"]) == [fb.FALLBACK_MODEL]
+    assert report["models"]["bn_cnn"]["requested"] == "resnet"
+    assert any("'resnet' is not available" in note for note in report["notes"])
+    assert 50.0 < report["models"]["bn_cnn"]["float_top1"] <= 100.0
+
+    # every (source, preset) ran once, with a row of its own; every source was timed
+    runs = report["runs"]
+    assert {(r["row"], r["preset"]) for r in runs} == {
+        (s, p) for s in fb.SOURCES for p in ("qdrop", "minmax")
+    }
+    assert len(runs) == len(fb.SOURCES) * 2
+    assert all(0.0 <= r["top1"] <= 100.0 and r["calibration_images"] >= 1 for r in runs)
+    assert len(report["rows"]) == len(runs) and all(row["n"] == 1 for row in report["rows"])
+    for source in fb.SOURCES:
+        entry = report["sources"]["bn_cnn"][source]
+        assert entry["available"], source
+        assert entry["seconds_per_1000"] >= 0.0
+    assert {r["calibration_images"] for r in runs if r["row"] != "generated"} == {20}
+
+    # the data-scarce block on the shifted target from the manifest
+    scarce = report["data_scarce"]
+    assert scarce["model"] == "resnet_shifted" and scarce["shifted"]
+    assert {(r["row"], r["k"]) for r in scarce["runs"]} == {
+        ("textual_inversion", 1),
+        ("real_k", 1),
+        ("plain_prompts", 0),
+        ("real_full", 0),
+    }
+    assert len(scarce["runs"]) == 8
+    assert {r["calibration_images"] for r in scarce["runs"] if r["row"] == "real_k"} == {10}
+
+    # the tables: one row per source, the time table, the data-scarce table, the command
+    markdown = (root / "out" / fb.RESULTS_MD).read_text()
+    assert markdown == result.markdown
+    for label in fb.SOURCE_LABELS.values():
+        assert markdown.count(f"| {label} |") == 3  # qdrop, minmax and time tables
+    for label in fb.DATA_SCARCE_LABELS.values():
+        assert f"| {label} (`qdrop`) |" in markdown
+    assert "Time per 1000 calibration images" in markdown
+    assert "Command: `pytest tiny`" in markdown
+    section = (root / "BENCHMARKS.md").read_text()
+    assert "<!-- fashion-bench:begin -->" in section and "<!-- fashion-bench:end -->" in section
+    assert "| W4A4 |" in section
+
+    # the plots
+    if HAS_MATPLOTLIB:
+        names = {Path(p).name for p in report["plots"]}
+        assert names == {
+            "accuracy_bn_cnn.png",
+            "filter_grid_bn_cnn.png",
+            "filter_scores_bn_cnn.png",
+            "data_scarce.png",
+        }
+        for name in names:
+            assert (root / "out" / fb.PLOTS_FOLDER / name).stat().st_size > 1000
+    else:
+        assert report["plots"] == []
+        assert any("matplotlib" in note for note in report["notes"])
+
+
+def test_rerun_through_the_cli_reuses_everything(
+    bench_run: tuple[fb.BenchResult, Path],
+    tiny_config: fb.BenchConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result, root = bench_run
+    runs_file = root / "work" / fb.RUNS_FILE
+    lines_before = runs_file.read_text().splitlines()
+    code = main(
+        [
+            "bench",
+            "fashion",
+            "--models", "resnet",
+            "--settings", "W4A4",
+            "--seeds", "0",
+            "--presets", "qdrop,minmax",
+            "--num-calib", "20",
+            "--iters", "2",
+            "--steps", "2",
+            "--inversion-iters", "2",
+            "--ks", "1",
+            "--data-scarce-settings", "W4A4",
+            "--ti-steps", "2",
+            "--test-images", "200",
+            "--assets", tiny_config.assets_dir,
+            "--generator", str(tiny_config.generator_dir),
+            "--work-dir", str(root / "work"),
+            "--out", str(root / "cli-out"),
+            "--no-benchmarks-md",
+            "--threads", "1",
+            "-q",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert runs_file.read_text().splitlines() == lines_before  # nothing ran again
+    again = json.loads((root / "cli-out" / fb.RESULTS_JSON).read_text())
+    assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in result.report["runs"]]
+    assert again["command"].startswith("genq bench fashion --models resnet --settings W4A4")
+    assert "| W4A4 |" in capsys.readouterr().out
+
+
+def test_settings_round_trip() -> None:
+    for setting in fb.DEFAULT_SETTINGS:
+        assert fb.parse_setting(fb.setting_name(setting)) == setting
+    assert fb.setting_name((4, 4, 4)) == "W4A4-fl4"
+    assert fb.parse_setting("W2A4") == (2, 4, 8)
+    with pytest.raises(ValueError, match="setting"):
+        fb.parse_setting("W9A4")
+    with pytest.raises(ValueError, match="setting"):
+        fb.parse_setting("4/4")
+
+
+def test_config_checks_and_serialises() -> None:
+    config = fb.BenchConfig()
+    assert config.pool_per_class == 256  # 1024 / (0.5 * 0.8) / 10 classes
+    assert fb.BenchConfig.from_dict(config.to_dict()) == config
+    quick = fb.BenchConfig.quick(device="cpu")
+    assert quick.seeds == (0,) and len(quick.settings) == 1
+    with pytest.raises(ValueError, match="sources"):
+        fb.BenchConfig(sources=("real", "imagenet"))
+    with pytest.raises(ValueError, match="presets"):
+        fb.BenchConfig(presets=("bogus",))
+    with pytest.raises(ValueError, match="settings"):
+        fb.BenchConfig(settings=((1, 4, 8),))
+    with pytest.raises(ValueError, match="energy_keep"):
+        fb.BenchConfig(energy_keep=0.0)
+    with pytest.raises(ValueError, match="unknown BenchConfig keys"):
+        fb.BenchConfig.from_dict({"bogus": 1})
