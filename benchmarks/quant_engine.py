@@ -16,11 +16,9 @@ through the same ``quantize_model``. Prints one table (top-1 on the 10k test set
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import time
 from datetime import UTC, datetime
@@ -39,6 +37,7 @@ from genq_core.bench.fashion_mnist import (
     split_train_indices,
     to_float_images,
 )
+from genq_core.bench.runinfo import cpu_name, file_sha256
 from genq_core.quant import QuantConfig, ReconstructionConfig, quantize_model
 
 logger = logging.getLogger("bench.quant_engine")
@@ -132,7 +131,7 @@ def main() -> None:
         "calibration_images": int(calibration.shape[0]),
         "reconstruction_iters": iters,
         "seed": args.seed,
-        "weights_sha256": _sha256(WEIGHTS),
+        "weights_sha256": file_sha256(WEIGHTS),
         "versions": {"genq": genq_core.__version__, "torch": torch.__version__},
         "rows": rows,
     }
@@ -236,19 +235,8 @@ def _write_section(table: str, section: str) -> None:
 
 
 def _machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), CPU only"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _parser() -> argparse.ArgumentParser:

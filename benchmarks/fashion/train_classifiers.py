@@ -27,11 +27,9 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +62,7 @@ from genq_core.bench.fashion_mnist import (
     split_train_indices,
     to_float_images,
 )
+from genq_core.bench.runinfo import cpu_name, file_sha256
 
 logger = logging.getLogger("bench.train_classifiers")
 
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         entry = {
             "builder": f"{BUILDER_MODULE}:{spec.builder}",
             "weights": weights.name,
-            "sha256": _sha256(weights),
+            "sha256": file_sha256(weights),
             "bytes": weights.stat().st_size,
             "params": params,
             "domain": "shifted" if spec.shifted else "original",
@@ -291,23 +290,8 @@ def _setup_logging(path: Path) -> None:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, CPU only"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _positive_int(text: str) -> int:

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
@@ -51,6 +49,7 @@ from genq_core.bench.generator import (
     train_unet_and_text_encoder,
     train_vae,
 )
+from genq_core.bench.runinfo import cpu_name, file_sha256
 from genq_core.configio import load_config
 from genq_core.generate.pipeline import load_generator
 
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             "agreement": {
                 **_rounded(agreement.to_dict()),
                 "classifier": _relative(args.classifier),
-                "classifier_sha256": _sha256(args.classifier),
+                "classifier_sha256": file_sha256(args.classifier),
                 "num_per_class": args.eval_per_class,
                 "guidance_scale": args.guidance,
                 "steps": args.eval_steps,
@@ -261,18 +260,10 @@ def _parameters(pipe: StableDiffusionPipeline) -> dict[str, int]:
 def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file of the saved pipeline, by path relative to it."""
     return {
-        str(path.relative_to(folder)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        str(path.relative_to(folder)): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _relative(path: Path) -> str:
@@ -300,14 +291,7 @@ def _progress() -> Callable[[str, int, int], None]:
 
 
 def _machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device))} ({cpu})"
     return f"{cpu}, {os.cpu_count()} cores, CPU only"

@@ -65,6 +65,7 @@ from genq_core.bench.fashion_mnist import (
     split_train_indices,
     to_float_images,
 )
+from genq_core.bench.runinfo import cpu_name, file_sha256
 from genq_core.data import Preprocessing
 from genq_core.filters import (
     FilterConfig,
@@ -698,7 +699,7 @@ def _load_classifier(name: str, config: BenchConfig, notes: list[str]) -> _Class
             f"{manifest}: model {name!r} has builder {entry['builder']!r}; expected "
             f"{BUILDER_MODULE}:<one of {sorted(BUILDERS)}>"
         )
-    digest = _sha256(weights)
+    digest = file_sha256(weights)
     if entry.get("sha256") and entry["sha256"] != digest:
         raise ValueError(
             f"{weights}: sha256 {digest} differs from {manifest} ({entry['sha256']}); the weights "
@@ -731,7 +732,7 @@ def _load_bn_cnn(assets: Path, requested: str, device: torch.device) -> _Classif
         requested=requested,
         model=model.to(device).eval(),
         shifted=False,
-        sha256=_sha256(weights),
+        sha256=file_sha256(weights),
         source=str(weights),
     )
 
@@ -1924,14 +1925,6 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 60:
@@ -1940,14 +1933,7 @@ def _duration(seconds: float) -> str:
 
 
 def _machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
     if device.type == "cuda":
         return f"{text}, {torch.cuda.get_device_name(device)}"

@@ -61,6 +61,7 @@ from genq_core.generate.prompts import (
     check_templates,
 )
 from genq_core.generate.tiny import CLIP_VOCAB_SIZE, clip_tokenizer
+from genq_core.generate.tiny import assemble_pipeline as assemble_components
 from genq_core.progress import Canceled, ProgressFn, StopFn
 
 __all__ = [
@@ -607,19 +608,7 @@ def assemble_pipeline(
     unet: UNet2DConditionModel,
 ) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` of the components in eval mode, no safety checker."""
-    scheduler: Any = build_scheduler()  # annotated as the KarrasDiffusionSchedulers enum
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,  # type: ignore[arg-type]
-        feature_extractor=None,  # type: ignore[arg-type]
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_components(vae, text_encoder, tokenizer, unet, build_scheduler())
 
 
 def train_vae(

@@ -30,6 +30,7 @@ __all__ = [
     "BOS_TOKEN",
     "CLIP_VOCAB_SIZE",
     "EOS_TOKEN",
+    "assemble_pipeline",
     "build_tiny_pipeline",
     "clip_tokenizer",
 ]
@@ -143,6 +144,17 @@ def build_tiny_pipeline(sample_size: int = 16, seed: int = 0) -> StableDiffusion
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    scheduler: Any,
+) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` of the components in eval mode, no safety checker."""
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

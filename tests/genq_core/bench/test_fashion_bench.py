@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from genq_core.bench import fashion_bench as fb
 from genq_core.bench.classifiers import small_resnet_fmnist
 from genq_core.bench.fashion_mnist import dataset_available
+from genq_core.bench.runinfo import file_sha256
 from genq_core.cli import main
 from genq_core.generate.tiny import build_tiny_pipeline
 
@@ -59,7 +60,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> fb.BenchConfig:
             "resnet_shifted": {
                 "builder": "genq_core.bench.classifiers:small_resnet_fmnist",
                 "weights": weights.name,
-                "sha256": fb._sha256(weights),
+                "sha256": file_sha256(weights),
                 "domain": "shifted",
             }
         }
