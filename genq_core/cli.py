@@ -155,6 +155,8 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
         )
     if args.seeds:
         overrides["seeds"] = tuple(int(s) for s in _names(args.seeds))
+    if args.data_scarce_seeds:
+        overrides["data_scarce_seeds"] = tuple(int(s) for s in _names(args.data_scarce_seeds))
     if args.ks:
         overrides["data_scarce_ks"] = tuple(int(k) for k in _names(args.ks))
     for key, field in (
@@ -280,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--ks", help="comma-separated k of the data-scarce block (default 1,5,10)")
     f.add_argument("--data-scarce-model", help="the shifted target (default resnet_shifted)")
     f.add_argument("--data-scarce-settings", help="comma-separated settings of that block")
+    f.add_argument(
+        "--data-scarce-seeds", help="comma-separated seeds of that block (default --seeds)"
+    )
     f.add_argument("--no-data-scarce", action="store_true", help="skip the data-scarce block")
     f.add_argument("--assets", help="assets folder (default benchmarks/assets)")
     f.add_argument("--generator", help="generator folder (default <assets>/fashion-sd)")

@@ -210,7 +210,8 @@ class BenchConfig:
         num_calibration: calibration images per run.
         iters: reconstruction steps per block of the learned presets.
         guidance_scale: classifier-free guidance of the generator.
-        steps: DDIM steps per image.
+        steps: DDIM steps per image (10 classify as well as 25 on the shipped generator:
+            ``benchmarks/fashion/generator_steps.py``).
         energy_keep: fraction of each class the energy filter keeps.
         distribution_keep: fraction of each class the distribution filter then keeps. The pool
             is oversampled so that about ``num_calibration`` images survive both filters; the
@@ -220,6 +221,7 @@ class BenchConfig:
         data_scarce_model: the domain-shifted target, ``None`` to skip the data-scarce block.
         data_scarce_ks: real images per class given to the data-scarce block.
         data_scarce_settings: bit settings of the data-scarce block.
+        data_scarce_seeds: seeds of the data-scarce block (``None``: the same as ``seeds``).
         textual_inversion_steps: steps of textual inversion in the data-scarce block.
         test_images: evaluate on the first N test images only (``None``: all 10k).
         assets_dir: folder with ``classifiers.json``, the weights and the generator.
@@ -236,7 +238,7 @@ class BenchConfig:
     num_calibration: int = 1024
     iters: int = 500
     guidance_scale: float = 5.0
-    steps: int = 25
+    steps: int = 10
     energy_keep: float = 0.5
     distribution_keep: float = 0.8
     generation_batch_size: int = 32
@@ -244,6 +246,7 @@ class BenchConfig:
     data_scarce_model: str | None = "resnet_shifted"
     data_scarce_ks: tuple[int, ...] = (1, 5, 10)
     data_scarce_settings: tuple[Setting, ...] = ((4, 4, 8), (2, 4, 8))
+    data_scarce_seeds: tuple[int, ...] | None = None
     textual_inversion_steps: int = 500
     test_images: int | None = None
     assets_dir: str = "benchmarks/assets"
@@ -267,6 +270,18 @@ class BenchConfig:
         _check(not unknown, "presets", self.presets, f"may only hold {sorted(PRESETS)}")
         for seed in self.seeds:
             _check(_is_int(seed) and seed >= 0, "seeds", self.seeds, "must be integers >= 0")
+        if self.data_scarce_seeds is not None:
+            value = self.data_scarce_seeds
+            _check(
+                isinstance(value, tuple) and len(value) > 0,
+                "data_scarce_seeds",
+                value,
+                "must be a non-empty tuple or None",
+            )
+            _check(len(set(value)) == len(value), "data_scarce_seeds", value, "has duplicates")
+            for seed in value:
+                ok = _is_int(seed) and seed >= 0
+                _check(ok, "data_scarce_seeds", value, "must be integers >= 0")
         for name in (
             "num_calibration",
             "iters",
@@ -317,6 +332,11 @@ class BenchConfig:
         return self.energy_keep * self.distribution_keep
 
     @property
+    def scarce_seeds(self) -> tuple[int, ...]:
+        """The seeds of the data-scarce block."""
+        return self.seeds if self.data_scarce_seeds is None else self.data_scarce_seeds
+
+    @property
     def pool_per_class(self) -> int:
         """Images generated per class, so that ~``num_calibration`` survive both filters."""
         return math.ceil(self.num_calibration / self.kept_fraction / NUM_CLASSES)
@@ -337,7 +357,14 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"unknown BenchConfig keys: {unknown}")
         values = dict(data)
-        for name in ("models", "sources", "seeds", "presets", "data_scarce_ks"):
+        for name in (
+            "models",
+            "sources",
+            "seeds",
+            "presets",
+            "data_scarce_ks",
+            "data_scarce_seeds",
+        ):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         for name in ("settings", "data_scarce_settings"):
@@ -808,7 +835,9 @@ class _Bench:
         if target is not None:
             methods = 2 + 2 * len(config.data_scarce_ks)
             for preset in config.presets:
-                per_preset[preset] += methods * len(config.seeds) * len(config.data_scarce_settings)
+                per_preset[preset] += (
+                    methods * len(config.scarce_seeds) * len(config.data_scarce_settings)
+                )
         self.progress.start(per_preset)
         logger.info(
             "plan: %d quantization runs (%s); %d already done in %s",
@@ -1247,7 +1276,7 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
                     k=k,
                 )
 
-    for seed in config.seeds:
+    for seed in config.scarce_seeds:
         # k-independent rows: plain prompts through GenQ, and the full real calibration set
         run_all(bench.calibration(target, "genq", seed), "plain_prompts", 0, seed)
         run_all(bench.calibration(target, "real", seed), "real_full", 0, seed)
@@ -1541,7 +1570,8 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
         "",
         "k real images per class come from the split's k-shot pool (seeded, nested in k); textual "
         f"inversion learns one style token on them ({config.textual_inversion_steps} steps); "
-        "GenQ rows use the same pool size and filters as the main table. Top-1 (%), mean ± std.",
+        "GenQ rows use the same pool size and filters as the main table. Top-1 (%), mean ± std "
+        f"over seeds {list(config.scarce_seeds)}.",
     ]
     for setting in (setting_name(s) for s in config.data_scarce_settings):
         lines += [

@@ -190,6 +190,7 @@ def test_rerun_through_the_cli_reuses_everything(
             "--ks", "1",
             "--data-scarce-settings", "W4A4",
             "--ti-steps", "2",
+            "--data-scarce-seeds", "0",
             "--test-images", "200",
             "--assets", tiny_config.assets_dir,
             "--generator", str(tiny_config.generator_dir),
@@ -205,6 +206,7 @@ def test_rerun_through_the_cli_reuses_everything(
     again = json.loads((root / "cli-out" / fb.RESULTS_JSON).read_text())
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in result.report["runs"]]
     assert again["command"].startswith("genq bench fashion --models resnet --settings W4A4")
+    assert again["config"]["data_scarce_seeds"] == [0]
     assert "| W4A4 |" in capsys.readouterr().out
 
 
@@ -223,6 +225,13 @@ def test_config_checks_and_serialises() -> None:
     config = fb.BenchConfig()
     assert config.pool_per_class == 256  # 1024 / (0.5 * 0.8) / 10 classes
     assert fb.BenchConfig.from_dict(config.to_dict()) == config
+    assert config.scarce_seeds == config.seeds  # None: the data-scarce block uses every seed
+    scarce = fb.BenchConfig(seeds=(0, 1, 2), data_scarce_seeds=(2,))
+    assert scarce.scarce_seeds == (2,)
+    assert fb.BenchConfig.from_dict(scarce.to_dict()) == scarce
+    for bad in ((), (1, 1), (-1,)):
+        with pytest.raises(ValueError, match="data_scarce_seeds"):
+            fb.BenchConfig(data_scarce_seeds=bad)
     quick = fb.BenchConfig.quick(device="cpu")
     assert quick.seeds == (0,) and len(quick.settings) == 1
     with pytest.raises(ValueError, match="sources"):
