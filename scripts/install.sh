@@ -8,8 +8,9 @@ VENV="${GENQ_VENV:-.venv}"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
-# 1. system packages: Fashion-MNIST (the reference benchmark's real data)
-APT_PACKAGES=(dataset-fashion-mnist)
+# 1. system packages: Fashion-MNIST (the reference benchmark's real data) and Redis (the
+#    service's job store, started by the integration tests)
+APT_PACKAGES=(dataset-fashion-mnist redis-server)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -26,6 +27,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.genq-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
-    "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[core,generate,dev]"
+    "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[core,generate,api,worker,dev]"
     touch "$stamp"
 fi
