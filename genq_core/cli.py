@@ -191,7 +191,12 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
     elif not args.quick and not args.no_benchmarks_md:
         benchmarks_md = Path("BENCHMARKS.md")
     result = run_benchmark(
-        config, work_dir, out_dir, benchmarks_md=benchmarks_md, command=_bench_command(args)
+        config,
+        work_dir,
+        out_dir,
+        benchmarks_md=benchmarks_md,
+        command=_bench_command(args),
+        section=args.section,
     )
     print(result.markdown)
     written = [*result.files, *([benchmarks_md] if benchmarks_md else [])]
@@ -299,6 +304,12 @@ def _parser() -> argparse.ArgumentParser:
         "--benchmarks-md", help="BENCHMARKS.md to update (default BENCHMARKS.md; quick: none)"
     )
     f.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md alone")
+    f.add_argument(
+        "--section",
+        default="fashion-bench",
+        help="BENCHMARKS.md section to replace (default fashion-bench; another name, e.g. "
+        "fashion-bench-vit, keeps a second table)",
+    )
     f.add_argument("--device", help="cpu (default), cuda, cuda:1")
     f.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress logging")

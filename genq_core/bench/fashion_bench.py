@@ -71,6 +71,7 @@ from genq_core.filters import (
     FilterConfig,
     FilterReport,
     apply_filters,
+    bn_distance,
     energy_scores,
     has_batchnorm,
 )
@@ -418,6 +419,7 @@ def run_benchmark(
     *,
     benchmarks_md: str | Path | None = None,
     command: str = "genq bench fashion",
+    section: str = SECTION,
 ) -> BenchResult:
     """Run the benchmark (or its missing parts) and write its results.
 
@@ -429,6 +431,8 @@ def run_benchmark(
         benchmarks_md: a BENCHMARKS.md whose ``fashion-bench`` section is replaced by the
             tables (added if missing); ``None`` leaves it alone.
         command: the command line echoed with the tables.
+        section: the section of ``benchmarks_md`` to replace (another name keeps a second table,
+            e.g. of other models, next to the main one).
 
     Raises:
         ValueError: a bad config or a weights file whose checksum differs from its manifest.
@@ -457,9 +461,11 @@ def run_benchmark(
         for seed in config.seeds:
             for source in config.sources:
                 calibration = bench.calibration(classifier, source, seed)
-                per_source[source].append({"seed": seed, **calibration.info})
                 if calibration.images is None:
+                    per_source[source].append({"seed": seed, **calibration.info})
                     continue
+                set_stats = bench.set_statistics(classifier, calibration.images)
+                per_source[source].append({"seed": seed, **calibration.info, **set_stats})
                 for setting in config.settings:
                     for preset in config.presets:
                         bench.run(
@@ -513,7 +519,7 @@ def run_benchmark(
     _write_text(out / RESULTS_MD, markdown)
     files += [out / RESULTS_JSON, out / RESULTS_MD, *plot_files]
     if benchmarks_md is not None:
-        write_benchmarks_section(Path(benchmarks_md), markdown, plot_files)
+        write_benchmarks_section(Path(benchmarks_md), markdown, plot_files, section=section)
     logger.info("benchmark done in %.0f s; wrote %s", report["seconds"], out)
     return BenchResult(report, markdown, files)
 
@@ -597,6 +603,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
             f"| {SOURCE_LABELS[source]} | {SOURCE_TIMED[source]} | " + " | ".join(cells) + " |"
         )
 
+    lines += ["", *_set_statistics_markdown(report, config)]
     if report.get("data_scarce"):
         lines += ["", *_data_scarce_markdown(report["data_scarce"], config)]
     if report.get("checks"):
@@ -617,12 +624,19 @@ def markdown_tables(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_benchmarks_section(path: Path, markdown: str, plots: Sequence[Path] = ()) -> None:
-    """Replace the ``fashion-bench`` section of ``path`` (a BENCHMARKS.md) by ``markdown``.
+def write_benchmarks_section(
+    path: Path, markdown: str, plots: Sequence[Path] = (), section: str = SECTION
+) -> None:
+    """Replace the ``section`` (default ``fashion-bench``) of ``path`` (a BENCHMARKS.md).
 
     The section sits between ``<!-- fashion-bench:begin -->`` and ``<!-- fashion-bench:end -->``;
     it is appended under its own heading when missing. Plots are linked relative to ``path``.
+
+    Raises:
+        ValueError: ``section`` is not made of letters, digits and ``-``.
     """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", section):
+        raise ValueError(f"section: expected letters, digits and '-', got {section!r}")
     body = markdown
     if plots:
         links = []
@@ -630,13 +644,14 @@ def write_benchmarks_section(path: Path, markdown: str, plots: Sequence[Path] = 
             target = os.path.relpath(plot, path.parent)
             links.append(f"[{plot.name}]({target})")
         body += "\nPlots: " + ", ".join(links) + ".\n"
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     block = f"{begin}\n{body}{end}"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
     if begin in text and end in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip("\n") + f"\n\n## {SECTION_TITLE}\n\n{block}\n"
+        title = SECTION_TITLE if section == SECTION else f"{SECTION_TITLE}: {section}"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n{block}\n"
     _write_text(path, text)
 
 
@@ -947,6 +962,18 @@ class _Bench:
     def runs_done(self) -> list[dict[str, Any]]:
         """The records of this config's runs (the store may hold others too)."""
         return self.store.records()
+
+    def set_statistics(self, classifier: _Classifier, images: torch.Tensor) -> dict[str, Any]:
+        """How close a calibration set is to the training data, by the filters' own measures.
+
+        ``bn_distance``: ``D_BN`` of the whole set (``None`` without BN); ``mean_energy``: mean
+        free energy under the float classifier. Both lower = closer.
+        """
+        images = images[: self.config.num_calibration]
+        model = classifier.model
+        distance = bn_distance(model, images, device=self.device) if has_batchnorm(model) else None
+        energy = energy_scores(model, images, device=self.device)
+        return {"bn_distance": distance, "mean_energy": float(energy.mean())}
 
     # -- calibration sets of the main table
 
@@ -1461,12 +1488,16 @@ def _source_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
         note = entries[0].get("note") if entries else "not run"
         return {"available": False, "note": note, "by_seed": entries}
     per_1000 = [e["seconds_per_1000"] for e in available]
+    distances = [e["bn_distance"] for e in available if e.get("bn_distance") is not None]
+    energies = [e["mean_energy"] for e in available if e.get("mean_energy") is not None]
     return {
         "available": True,
         "note": None,
         "seconds_per_1000": statistics.fmean(per_1000),
         "seconds_per_1000_std": statistics.stdev(per_1000) if len(per_1000) > 1 else 0.0,
         "images": statistics.fmean(e["images"] for e in available),
+        "bn_distance": statistics.fmean(distances) if distances else None,
+        "mean_energy": statistics.fmean(energies) if energies else None,
         "by_seed": entries,
     }
 
@@ -1475,15 +1506,19 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 4's targets, each computed from the row means (with the headline preset)."""
     config = BenchConfig.from_dict(report["config"])
     preset = config.presets[0]
-    rows = {
-        (r["model"], r["setting"], r["row"]): r["mean"]
+    full_rows = {
+        (r["model"], r["setting"], r["row"]): r
         for r in report["rows"]
         if r["preset"] == preset and r["block"] == "main"
     }
+    rows = {key: row["mean"] for key, row in full_rows.items()}
     checks: list[dict[str, Any]] = []
 
     def claim(text: str, holds: bool | None, detail: str) -> None:
         checks.append({"claim": text, "holds": holds, "detail": detail})
+
+    def versus(first: dict[str, Any], second: dict[str, Any]) -> str:
+        return f"{first['mean']:.2f} vs {second['mean']:.2f}{_noise_note(first, second)}"
 
     for model in report["models"]:
         settings = [setting_name(s) for s in config.settings]
@@ -1517,7 +1552,9 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
                     claim(
                         f"{model} {setting} {preset}: GenQ beats {SOURCE_LABELS[other]}",
                         genq > value,
-                        f"{genq:.2f} vs {value:.2f}",
+                        versus(
+                            full_rows[(model, setting, "genq")], full_rows[(model, setting, other)]
+                        ),
                     )
         sources = report["sources"].get(model, {})
         genq_time = sources.get("genq", {})
@@ -1532,11 +1569,10 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
             )
     scarce = report.get("data_scarce")
     if scarce:
-        means = {
-            (r["setting"], r["row"], r["k"]): r["mean"]
-            for r in scarce["rows"]
-            if r["preset"] == preset
+        scarce_rows = {
+            (r["setting"], r["row"], r["k"]): r for r in scarce["rows"] if r["preset"] == preset
         }
+        means = {key: row["mean"] for key, row in scarce_rows.items()}
         k = 5 if 5 in config.data_scarce_ks else max(config.data_scarce_ks)
         for setting in (setting_name(s) for s in config.data_scarce_settings):
             ti = means.get((setting, "textual_inversion", k))
@@ -1548,16 +1584,58 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
                 claim(
                     f"data-scarce {setting} {preset} k={k}: textual inversion beats plain prompts",
                     ti > plain,
-                    f"{ti:.2f} vs {plain:.2f}",
+                    versus(
+                        scarce_rows[(setting, "textual_inversion", k)],
+                        scarce_rows[(setting, "plain_prompts", 0)],
+                    ),
                 )
             if real_k is not None:
                 claim(
                     f"data-scarce {setting} {preset} k={k}: textual inversion beats the k real "
                     "images alone",
                     ti > real_k,
-                    f"{ti:.2f} vs {real_k:.2f}",
+                    versus(
+                        scarce_rows[(setting, "textual_inversion", k)],
+                        scarce_rows[(setting, "real_k", k)],
+                    ),
                 )
     return checks
+
+
+def _noise_note(first: dict[str, Any], second: dict[str, Any]) -> str:
+    """``"; within seed noise"`` when two rows' means differ by less than twice the standard error
+    of their difference (seed-to-seed standard deviations); ``""`` otherwise or with one seed."""
+    if first["n"] < 2 or second["n"] < 2:
+        return ""
+    error = math.sqrt(first["std"] ** 2 / first["n"] + second["std"] ** 2 / second["n"])
+    difference = first["mean"] - second["mean"]
+    if abs(difference) < 2.0 * error:
+        return f"; {difference:+.2f} ± {error:.2f} s.e.: within seed noise"
+    return f"; {difference:+.2f} ± {error:.2f} s.e."
+
+
+def _set_statistics_markdown(report: dict[str, Any], config: BenchConfig) -> list[str]:
+    models = list(report["models"])
+    lines = [
+        "### Calibration sets against the training statistics (mean over seeds)",
+        "",
+        "D_BN: distance of the whole set's BatchNorm-input statistics from the classifier's "
+        "running statistics (what the distribution filter lowers); energy: mean free energy "
+        "under the float classifier (what the energy filter lowers). Lower = closer to the "
+        "training data for both.",
+        "",
+        "| source | " + " | ".join(f"{m} D_BN | {m} energy" for m in models) + " |",
+        "|---|" + "---|---|" * len(models),
+    ]
+    for source in config.sources:
+        cells = []
+        for model in models:
+            entry = report["sources"][model][source]
+            for name in ("bn_distance", "mean_energy"):
+                value = entry.get(name) if entry["available"] else None
+                cells.append("n/a" if value is None else f"{value:.3f}")
+        lines.append(f"| {SOURCE_LABELS[source]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[str]:

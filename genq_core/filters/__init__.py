@@ -8,7 +8,7 @@ quotas and the chain).
 """
 
 from genq_core.filters._common import FilterCanceled
-from genq_core.filters.bn import bn_sensitivity, has_batchnorm
+from genq_core.filters.bn import bn_distance, bn_sensitivity, has_batchnorm
 from genq_core.filters.clip import ClipImages, ClipModel, clip_scores, load_clip
 from genq_core.filters.energy import (
     classifier_logits,
@@ -36,6 +36,7 @@ __all__ = [
     "FilterReport",
     "FilterResult",
     "apply_filters",
+    "bn_distance",
     "bn_sensitivity",
     "classifier_logits",
     "clip_scores",

@@ -48,7 +48,7 @@ from genq_core.filters._common import (
 )
 from genq_core.progress import ProgressFn, StopFn, check_stop
 
-__all__ = ["bn_sensitivity", "has_batchnorm"]
+__all__ = ["bn_distance", "bn_sensitivity", "has_batchnorm"]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -133,6 +133,58 @@ def bn_sensitivity(
     return scores.float()
 
 
+def bn_distance(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> float:
+    """``D_BN`` of the whole image set taken as one batch: how far it is from the training data.
+
+    The statistics of every BN layer's input are accumulated over all images (in batches of
+    ``batch_size`` for memory; the result does not depend on it), then compared with the running
+    statistics as in the module docstring. Real training-distribution data scores low; it is the
+    quantity the distribution filter lowers, so it tells whether a calibration set got closer.
+
+    Args:
+        model: the unfolded float classifier with BatchNorm layers; not modified.
+        images: ``[N, C, H, W]`` preprocessed images, ``N >= 1``.
+        batch_size: images per forward pass, >= 1.
+
+    Raises:
+        ValueError: a model without BatchNorm running statistics, or bad input.
+    """
+    check_images(images)
+    check_batch_size(batch_size)
+    if not has_batchnorm(model):
+        raise ValueError("bn_distance needs a model with BatchNorm running statistics")
+    totals: list[_LayerSums] = []
+    with evaluating(model, device) as net:
+        collector = _StatsCollector(net)
+        try:
+            dtype = model_dtype(net)
+            for batch in torch.split(images, batch_size):
+                collector.clear()
+                net(batch.to(device=device, dtype=dtype))
+                if not totals:
+                    totals = [_summed(layer) for layer in collector.layers]
+                    continue
+                for total, layer in zip(totals, collector.layers, strict=True):
+                    total.s += layer.s.sum(dim=0, keepdim=True)
+                    total.q += layer.q.sum(dim=0, keepdim=True)
+                    total.positions += layer.s.shape[0] * layer.positions
+        finally:
+            collector.remove()
+    if not totals:
+        raise ValueError("no BatchNorm layer ran during the forward pass")
+    distance = 0.0
+    for total in totals:
+        sigma_run = torch.sqrt(total.running_var + total.eps)
+        n = total.positions
+        distance += float(_distance(total.s[0] / n, total.q[0] / n, sigma_run, total.eps))
+    return distance
+
+
 @dataclass
 class _LayerSums:
     """Per-image, per-channel sums of one BN call: ``s, q`` are float64 ``[B, C]``."""
@@ -182,6 +234,17 @@ class _StatsCollector:
             handle.remove()
         self.handles.clear()
         self.layers.clear()
+
+
+def _summed(layer: _LayerSums) -> _LayerSums:
+    """``layer`` with its images summed: ``s, q`` ``[1, C]``, ``positions`` over all images."""
+    return _LayerSums(
+        s=layer.s.sum(dim=0, keepdim=True),
+        q=layer.q.sum(dim=0, keepdim=True),
+        positions=layer.s.shape[0] * layer.positions,
+        running_var=layer.running_var,
+        eps=layer.eps,
+    )
 
 
 def _loo_sensitivity(layer: _LayerSums) -> torch.Tensor:

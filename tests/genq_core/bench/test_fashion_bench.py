@@ -126,6 +126,12 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
         assert entry["seconds_per_1000"] >= 0.0
     assert {r["calibration_images"] for r in runs if r["row"] != "generated"} == {20}
 
+    # how close each calibration set is to the training statistics: noise is the farthest
+    distances = {s: report["sources"]["bn_cnn"][s]["bn_distance"] for s in fb.SOURCES}
+    assert all(isinstance(d, float) and d >= 0.0 for d in distances.values())
+    assert distances["noise"] > distances["real"]
+    assert all(isinstance(report["sources"]["bn_cnn"][s]["mean_energy"], float) for s in fb.SOURCES)
+
     # the data-scarce block on the shifted target from the manifest
     scarce = report["data_scarce"]
     assert scarce["model"] == "resnet_shifted" and scarce["shifted"]
@@ -142,10 +148,11 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
     markdown = (root / "out" / fb.RESULTS_MD).read_text()
     assert markdown == result.markdown
     for label in fb.SOURCE_LABELS.values():
-        assert markdown.count(f"| {label} |") == 3  # qdrop, minmax and time tables
+        assert markdown.count(f"| {label} |") == 4  # qdrop, minmax, time and set statistics
     for label in fb.DATA_SCARCE_LABELS.values():
         assert f"| {label} (`qdrop`) |" in markdown
     assert "Time per 1000 calibration images" in markdown
+    assert "Calibration sets against the training statistics" in markdown
     assert "Command: `pytest tiny`" in markdown
     section = (root / "BENCHMARKS.md").read_text()
     assert "<!-- fashion-bench:begin -->" in section and "<!-- fashion-bench:end -->" in section
@@ -244,3 +251,28 @@ def test_config_checks_and_serialises() -> None:
         fb.BenchConfig(energy_keep=0.0)
     with pytest.raises(ValueError, match="unknown BenchConfig keys"):
         fb.BenchConfig.from_dict({"bogus": 1})
+
+
+def test_noise_note_marks_differences_smaller_than_two_standard_errors() -> None:
+    def row(mean: float, std: float, n: int = 3) -> dict[str, float]:
+        return {"mean": mean, "std": std, "n": n}
+
+    # standard error of the difference: sqrt(0.1^2/3 + 0.1^2/3) = 0.082
+    assert fb._noise_note(row(1.0, 0.1), row(0.9, 0.1)).endswith("within seed noise")
+    assert fb._noise_note(row(1.0, 0.1), row(0.5, 0.1)) == "; +0.50 ± 0.08 s.e."
+    assert fb._noise_note(row(1.0, 0.0, n=1), row(0.9, 0.0, n=1)) == ""
+
+
+def test_benchmarks_sections_are_replaced_independently(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nhand-written intro\n")
+    fb.write_benchmarks_section(path, "main v1\n")
+    fb.write_benchmarks_section(path, "vit v1\n", section="fashion-bench-vit")
+    fb.write_benchmarks_section(path, "main v2\n")
+    text = path.read_text()
+    assert "hand-written intro" in text
+    assert "main v2" in text and "main v1" not in text and "vit v1" in text
+    assert text.count("<!-- fashion-bench-vit:begin -->") == 1
+    assert "## Reference benchmark (Fashion-MNIST): fashion-bench-vit" in text
+    with pytest.raises(ValueError, match="section"):
+        fb.write_benchmarks_section(path, "x", section="bad name -->")

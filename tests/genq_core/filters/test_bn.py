@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from genq_core.filters import FilterCanceled, bn_sensitivity, has_batchnorm
+from genq_core.filters import FilterCanceled, bn_distance, bn_sensitivity, has_batchnorm
 
 from .conftest import in_distribution
 
 
-def bn_distance(model: nn.Module, batch: torch.Tensor) -> float:
+def direct_distance(model: nn.Module, batch: torch.Tensor) -> float:
     """D_BN(batch) computed directly: BN-input statistics over (N, H, W), biased variance."""
     captured: list[tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor]] = []
 
@@ -42,10 +42,10 @@ def brute_force(model: nn.Module, images: torch.Tensor, batches: list[list[int]]
     """S_i = D(B) - D(B without i) with one forward pass per subset."""
     scores = torch.empty(images.shape[0], dtype=torch.float64)
     for batch in batches:
-        whole = bn_distance(model, images[batch])
+        whole = direct_distance(model, images[batch])
         for i in batch:
             rest = [j for j in batch if j != i]
-            scores[i] = whole - bn_distance(model, images[rest])
+            scores[i] = whole - direct_distance(model, images[rest])
     return scores
 
 
@@ -63,6 +63,18 @@ def test_closed_form_equals_brute_force(bn_net: nn.Module) -> None:
     expected = brute_force(bn_net, images, [[0, 1, 2, 3], [4, 5, 6, 7, 8]])
     assert scores.dtype == torch.float32 and scores.shape == (9,)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_whole_set_distance_equals_direct_computation(bn_net: nn.Module) -> None:
+    images = mixed_images()
+    expected = direct_distance(bn_net, images)
+    for batch_size in (2, 4, 9, 64):  # batching is for memory only
+        assert bn_distance(bn_net, images, batch_size=batch_size) == pytest.approx(
+            expected, rel=1e-6
+        )
+    near = bn_distance(bn_net, in_distribution(16, seed=2))
+    far = bn_distance(bn_net, in_distribution(16, seed=2) * 2.0 + 0.5)
+    assert near < far
 
 
 def test_one_batch_does_not_depend_on_shuffling(bn_net: nn.Module) -> None:
@@ -143,3 +155,9 @@ def test_errors(bn_net: nn.Module, plain_mlp: nn.Module) -> None:
         bn_sensitivity(bn_net, images, batch_size=1)
     with pytest.raises(ValueError, match="images"):
         bn_sensitivity(bn_net, images[0])
+    with pytest.raises(ValueError, match="BatchNorm"):
+        bn_distance(plain_mlp, images)
+    with pytest.raises(ValueError, match="batch_size"):
+        bn_distance(bn_net, images, batch_size=0)
+    with pytest.raises(ValueError, match="images"):
+        bn_distance(bn_net, images[0])
