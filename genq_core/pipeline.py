@@ -19,6 +19,12 @@ With ``data_scarce`` set, a style token is first learned from a few real images 
 * ``model/model.safetensors`` and ``model/encodings.json`` (the quantized model);
 * ``report.json``, ``report.md`` and ``config.json`` (the resolved config and versions);
 * ``artifacts.json``: every artifact above with its size and sha256.
+
+Each step is also a public function (:func:`load_models`, :func:`learn_style`,
+:func:`make_calibration`, :func:`select_calibration`, :func:`split_holdout`,
+:func:`evaluate_quantized`, :func:`write_quantized`, :func:`build_report`, :func:`write_reports`),
+so that the job service runs the same steps one at a time, with a checkpoint after each, and
+writes the same outputs.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from genq_core.evaluate import accuracy, agreement, model_size
 from genq_core.filters import FilterConfig, FilterReport, apply_filters
 from genq_core.generate import (
     GenerationConfig,
+    ImageSpec,
     build_specs,
     generate_images,
     load_generator,
@@ -68,15 +75,44 @@ from genq_core.quant.export import save_quantized
 from genq_core.storage import LocalStorage, Storage
 
 __all__ = [
+    "ARTIFACTS_KEY",
+    "CALIBRATION_KEY",
+    "GENERATED_SOURCES",
+    "MANIFEST_KEY",
+    "MODEL_PREFIX",
+    "SYNTHETIC_PREFIX",
+    "TOKENS_KEY",
     "CalibrationConfig",
     "DataScarceConfig",
     "EvaluationConfig",
     "GenQConfig",
     "GenQResult",
     "GeneratorConfig",
+    "Selection",
+    "SourceImages",
+    "build_report",
+    "calibration_summary",
+    "content_type",
+    "describe_artifact",
+    "evaluate_quantized",
+    "filter_summary",
+    "generated_source",
+    "generation_specs",
+    "json_bytes",
+    "learn_style",
+    "load_generator_for",
     "load_genq_config",
+    "load_models",
+    "make_calibration",
     "markdown_report",
+    "put_artifact",
     "run_genq",
+    "select_calibration",
+    "source_summary",
+    "split_holdout",
+    "versions",
+    "write_quantized",
+    "write_reports",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +122,9 @@ GENERATED_SOURCES = ("genq", "generated")
 SYNTHETIC_PREFIX = "synthetic"
 MANIFEST_KEY = f"{SYNTHETIC_PREFIX}/manifest.jsonl"
 TOKENS_KEY = "tokens/tokens.safetensors"
+CALIBRATION_KEY = "calibration/images.safetensors"
+MODEL_PREFIX = "model"
+ARTIFACTS_KEY = "artifacts.json"
 
 
 @dataclass(frozen=True)
@@ -241,14 +280,41 @@ class GenQResult:
 
 
 @dataclass
-class _Calibration:
-    """Calibration images of one source, with labels and manifest records when it has them."""
+class SourceImages:
+    """Calibration images of one source (step 4), with labels and manifest records when it has them.
+
+    Attributes:
+        images: ``[N, C, H, W]`` in the classifier's normalised input space, CPU.
+        labels: ``[N]`` class indexes, ``None`` for unlabelled sources (noise, a flat folder).
+        records: one manifest record per image for generated sources, else empty.
+        seconds: how long making them took.
+        made: how many images the source made.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor | None
     records: list[ManifestRecord]
     seconds: float
     made: int
+
+
+@dataclass
+class Selection:
+    """The calibration set that step 5 kept of a source.
+
+    Attributes:
+        images: the kept images, ``[K, C, H, W]``.
+        labels: their labels (``None`` for unlabelled sources).
+        keep: bool ``[N]`` over the source's images.
+        filter_report: what the filters did (``genq`` source only).
+        seconds: how long the filters took (0 without filters).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    keep: torch.Tensor
+    filter_report: FilterReport | None
+    seconds: float
 
 
 def run_genq(
@@ -260,6 +326,9 @@ def run_genq(
     should_stop: StopFn | None = None,
 ) -> GenQResult:
     """Make a calibration set for ``config.classifier``, quantize it, and write every artifact.
+
+    Each numbered step below is a public function of this module, so a job runner can run the
+    same steps one at a time with checkpoints in between (``services.workers.runner``).
 
     Args:
         config: the resolved run configuration.
@@ -287,16 +356,7 @@ def run_genq(
 
     # 2. load models
     clock = time.perf_counter()
-    classifier = load(config.classifier, builder, device=device)
-    pipe = None
-    if config.calibration.source in GENERATED_SOURCES:
-        assert config.generator.source is not None  # checked by GenQConfig
-        pipe = load_generator(
-            config.generator.source,
-            device,
-            dtype=_generator_dtype(config.generator.dtype, device),
-            scheduler=config.generation.scheduler,
-        )
+    classifier, pipe = load_models(config, builder)
     timings["load"] = time.perf_counter() - clock
 
     # 3. data-scarce mode: learn the style token from the k-shot images
@@ -305,65 +365,28 @@ def run_genq(
     if config.data_scarce is not None:
         assert pipe is not None
         clock = time.perf_counter()
-        style_token, tokens_by_class = _learn_style(
+        style_token, tokens_by_class = learn_style(
             pipe, classifier, config, storage, artifacts, on_progress, should_stop
         )
         timings["invert"] = time.perf_counter() - clock
 
     # 4. calibration images from the source
     check_stop(should_stop, "before making calibration images")
-    source = _make_calibration(
+    source = make_calibration(
         config, classifier, pipe, storage, style_token, tokens_by_class, on_progress, should_stop
     )
     timings["source"] = source.seconds
 
-    # 5. filters (the genq source)
-    filter_report: FilterReport | None = None
-    keep = torch.ones(source.images.shape[0], dtype=torch.bool)
-    if config.calibration.source == "genq":
-        assert source.labels is not None
-        clock = time.perf_counter()
-        filter_report = apply_filters(
-            classifier.model,
-            source.images,
-            source.labels,
-            config.filters,
-            clip_images=_clip_images(storage, source.records) if config.filters.clip else None,
-            prompts=[record.prompt for record in source.records],
-            class_names=classifier.class_names,
-            device=device,
-            on_progress=on_progress,
-            should_stop=should_stop,
-        )
-        keep = filter_report.final.clone()
-        timings["filter"] = time.perf_counter() - clock
-    if source.records:
-        for i, record in enumerate(source.records):
-            if filter_report is not None:
-                scores, kept = filter_report.per_image(i)
-                record.scores.update(scores)
-                record.kept.update(kept)
-            record.kept_final = bool(keep[i])
-        write_manifest(storage, MANIFEST_KEY, source.records)
-        artifacts.append(
-            _describe("synthetic-manifest", MANIFEST_KEY, storage.get_bytes(MANIFEST_KEY))
-        )
-    kept_images = source.images[keep]
-    kept_labels = source.labels[keep] if source.labels is not None else None
-    if kept_images.shape[0] == 0:
-        raise ValueError("no calibration images left after filtering")
-    if not source.records:
-        _put(
-            storage,
-            artifacts,
-            "calibration-set",
-            "calibration/images.safetensors",
-            save_tensors(_calibration_tensors(kept_images, kept_labels)),
-        )
+    # 5. filters (the genq source), the manifest or the calibration set
+    selection = select_calibration(
+        config, classifier, source, storage, artifacts, on_progress, should_stop
+    )
+    if selection.filter_report is not None:
+        timings["filter"] = selection.seconds
 
     # 6. quantize on all kept images but the held-out ones
     qmodel = None
-    calibration, holdout = _split_holdout(kept_images, kept_labels, config)
+    calibration, holdout = split_holdout(selection.images, selection.labels, config)
     evaluation: dict[str, Any] = {}
     if config.quant is not None:
         clock = time.perf_counter()
@@ -379,30 +402,23 @@ def run_genq(
 
         # 7. evaluate
         clock = time.perf_counter()
-        evaluation = _evaluate(classifier, qmodel, holdout, config, device, on_progress)
+        evaluation = evaluate_quantized(classifier, qmodel, holdout, config, on_progress)
         timings["evaluate"] = time.perf_counter() - clock
 
     # 8. write artifacts
     if qmodel is not None:
-        with tempfile.TemporaryDirectory() as folder:
-            save_quantized(qmodel, folder)
-            for path in sorted(Path(folder).iterdir()):
-                _put(
-                    storage,
-                    artifacts,
-                    f"model-{path.stem}",
-                    f"model/{path.name}",
-                    path.read_bytes(),
-                )
-    resolved = {"config": to_dict(config), "versions": _versions()}
-    _put(storage, artifacts, "config", "config.json", _json_bytes(resolved))
-    report = _report(
-        config, classifier, source, filter_report, calibration, holdout, evaluation, qmodel, timings
+        write_quantized(storage, artifacts, qmodel)
+    report = build_report(
+        config,
+        classifier.num_classes,
+        source_summary(config, source.made, source.seconds),
+        filter_summary(selection.filter_report),
+        calibration_summary(calibration, holdout),
+        evaluation,
+        timings,
     )
     report["seconds"] = time.perf_counter() - started
-    _put(storage, artifacts, "report", "report.json", _json_bytes(report))
-    _put(storage, artifacts, "report-markdown", "report.md", markdown_report(report).encode())
-    _put(storage, artifacts, "artifacts", "artifacts.json", _json_bytes({"artifacts": artifacts}))
+    write_reports(storage, artifacts, config, report)
     return GenQResult(report, artifacts, qmodel, calibration.cpu())
 
 
@@ -454,19 +470,53 @@ def load_genq_config(path: str | Path) -> GenQConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# steps
+# steps: public, so that a job runner can run them one at a time with checkpoints in between
 
 
-def _learn_style(
+def load_models(config: GenQConfig, builder: Builder | None = None) -> tuple[LoadedClassifier, Any]:
+    """Step 2: the float classifier and, for generated sources, the diffusion pipeline.
+
+    Returns:
+        ``(classifier, pipe)``, both on ``config.device``; ``pipe`` is ``None`` unless the
+        calibration source generates images.
+    """
+    classifier = load(config.classifier, builder, device=torch.device(config.device))
+    pipe = None
+    if config.calibration.source in GENERATED_SOURCES:
+        pipe = load_generator_for(config)
+    return classifier, pipe
+
+
+def load_generator_for(config: GenQConfig) -> Any:
+    """The diffusion pipeline of ``config`` on its device, with its dtype and scheduler."""
+    if config.generator.source is None:
+        raise ValueError("generator.source: no diffusion model configured")
+    device = torch.device(config.device)
+    return load_generator(
+        config.generator.source,
+        device,
+        dtype=_generator_dtype(config.generator.dtype, device),
+        scheduler=config.generation.scheduler,
+    )
+
+
+def learn_style(
     pipe: Any,
     classifier: LoadedClassifier,
     config: GenQConfig,
     storage: Storage,
     artifacts: list[dict[str, Any]],
-    on_progress: ProgressFn | None,
-    should_stop: StopFn | None,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
 ) -> tuple[str, dict[str, str] | None]:
-    """Textual inversion on the k-shot folder; the tokens are stored and added to ``pipe``."""
+    """Step 3: textual inversion on the k-shot folder; the tokens are stored and added to ``pipe``.
+
+    ``pipe`` is changed in place (it learns new words), so never pass a pipeline that other
+    runs share.
+
+    Returns:
+        ``(style_token, tokens_by_class)`` for :func:`generation_specs`.
+    """
     assert config.data_scarce is not None
     inversion = config.data_scarce.inversion
     images, labels, folder_names = load_kshot_folder(config.data_scarce.kshot_dir)
@@ -486,54 +536,68 @@ def _learn_style(
         should_stop=should_stop,
     )
     data = save_tokens(tokens)
-    _put(storage, artifacts, "tokens", TOKENS_KEY, data)
+    put_artifact(storage, artifacts, "tokens", TOKENS_KEY, data)
     apply_tokens(pipe, data)
     per_class = class_tokens(folder_names, inversion) or None
     return inversion.style_token, per_class
 
 
-def _make_calibration(
+def generation_specs(
+    config: GenQConfig,
+    class_names: list[str],
+    style_token: str | None = None,
+    tokens_by_class: dict[str, str] | None = None,
+) -> list[ImageSpec]:
+    """What step 4 generates: one spec per image, class by class, each with its own seed.
+
+    An image's prompt and seed depend only on ``(generation.seed, class, j)``, so any subset of
+    the specs (a shard) makes exactly the images that the whole set makes.
+    """
+    generation = config.generation
+    return build_specs(
+        class_names,
+        generation.num_per_class,
+        generation.templates,
+        generation.adjectives,
+        generation.seed,
+        style_token=style_token,
+        class_tokens=tokens_by_class,
+    )
+
+
+def make_calibration(
     config: GenQConfig,
     classifier: LoadedClassifier,
     pipe: Any,
     storage: Storage,
-    style_token: str | None,
-    tokens_by_class: dict[str, str] | None,
-    on_progress: ProgressFn | None,
-    should_stop: StopFn | None,
-) -> _Calibration:
-    """Step 4: the images of ``config.calibration.source``, timed."""
+    style_token: str | None = None,
+    tokens_by_class: dict[str, str] | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> SourceImages:
+    """Step 4: the images of ``config.calibration.source``, timed.
+
+    Generated sources need ``pipe`` and store their PNGs under ``synthetic/images/``.
+    """
     calibration = config.calibration
     preprocessing = classifier.preprocessing
     clock = time.perf_counter()
     if calibration.source in GENERATED_SOURCES:
-        generation = config.generation
-        specs = build_specs(
-            classifier.class_names,
-            generation.num_per_class,
-            generation.templates,
-            generation.adjectives,
-            generation.seed,
-            style_token=style_token,
-            class_tokens=tokens_by_class,
-        )
+        specs = generation_specs(config, classifier.class_names, style_token, tokens_by_class)
         records = generate_images(
             pipe,
             specs,
-            generation,
+            config.generation,
             storage,
             SYNTHETIC_PREFIX,
             on_progress=on_progress,
             should_stop=should_stop,
         )
-        seconds = time.perf_counter() - clock
-        images = load_images(storage, records, preprocessing)
-        labels = torch.tensor([record.class_index for record in records], dtype=torch.long)
-        return _Calibration(images, labels, records, seconds, len(records))
+        return generated_source(storage, records, classifier, time.perf_counter() - clock)
     if calibration.source == "real":
         assert calibration.real_dir is not None
         real, real_labels = _real_images(Path(calibration.real_dir), classifier)
-        return _Calibration(real, real_labels, [], time.perf_counter() - clock, real.shape[0])
+        return SourceImages(real, real_labels, [], time.perf_counter() - clock, real.shape[0])
     if calibration.source == "noise":
         # noise with the data's first two moments in the normalised space (mean 0)
         images = gaussian_noise(
@@ -542,7 +606,7 @@ def _make_calibration(
             seed=config.generation.seed,
             std=calibration.noise_std,
         )
-        return _Calibration(images, None, [], time.perf_counter() - clock, images.shape[0])
+        return SourceImages(images, None, [], time.perf_counter() - clock, images.shape[0])
     images, labels = model_inversion(
         classifier.model,
         calibration.num_images,
@@ -553,9 +617,281 @@ def _make_calibration(
         on_progress=on_progress,
         should_stop=should_stop,
     )
-    return _Calibration(
+    return SourceImages(
         images.cpu(), labels.cpu(), [], time.perf_counter() - clock, images.shape[0]
     )
+
+
+def generated_source(
+    storage: Storage,
+    records: list[ManifestRecord],
+    classifier: LoadedClassifier,
+    seconds: float,
+) -> SourceImages:
+    """Generated images already in ``storage`` (``records`` in index order) as a source.
+
+    ``seconds`` is how long generating them took (the report's speed of the source).
+    """
+    images = load_images(storage, records, classifier.preprocessing)
+    labels = torch.tensor([record.class_index for record in records], dtype=torch.long)
+    return SourceImages(images, labels, records, seconds, len(records))
+
+
+def select_calibration(
+    config: GenQConfig,
+    classifier: LoadedClassifier,
+    source: SourceImages,
+    storage: Storage,
+    artifacts: list[dict[str, Any]],
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> Selection:
+    """Step 5: the filters (``genq`` source), then what was kept is written down.
+
+    Generated sources get their manifest (``synthetic/manifest.jsonl``) with every image's filter
+    scores and verdicts (the records are updated in place); the other sources store the kept
+    tensor as ``calibration/images.safetensors``.
+
+    Raises:
+        ValueError: nothing is left after filtering.
+    """
+    filter_report: FilterReport | None = None
+    keep = torch.ones(source.images.shape[0], dtype=torch.bool)
+    clock = time.perf_counter()
+    if config.calibration.source == "genq":
+        assert source.labels is not None
+        filter_report = apply_filters(
+            classifier.model,
+            source.images,
+            source.labels,
+            config.filters,
+            clip_images=_clip_images(storage, source.records) if config.filters.clip else None,
+            prompts=[record.prompt for record in source.records],
+            class_names=classifier.class_names,
+            device=torch.device(config.device),
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
+        keep = filter_report.final.clone()
+    seconds = time.perf_counter() - clock if filter_report is not None else 0.0
+    if source.records:
+        for i, record in enumerate(source.records):
+            if filter_report is not None:
+                scores, kept = filter_report.per_image(i)
+                record.scores.update(scores)
+                record.kept.update(kept)
+            record.kept_final = bool(keep[i])
+        write_manifest(storage, MANIFEST_KEY, source.records)
+        artifacts.append(
+            describe_artifact("synthetic-manifest", MANIFEST_KEY, storage.get_bytes(MANIFEST_KEY))
+        )
+    kept_images = source.images[keep]
+    kept_labels = source.labels[keep] if source.labels is not None else None
+    if kept_images.shape[0] == 0:
+        raise ValueError("no calibration images left after filtering")
+    if not source.records:
+        put_artifact(
+            storage,
+            artifacts,
+            "calibration-set",
+            CALIBRATION_KEY,
+            save_tensors(_calibration_tensors(kept_images, kept_labels)),
+        )
+    return Selection(kept_images, kept_labels, keep, filter_report, seconds)
+
+
+def split_holdout(
+    images: torch.Tensor, labels: torch.Tensor | None, config: GenQConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 6's input: the calibration images and, without an eval folder, the held-out last
+    ``evaluation.holdout_fraction`` of each class (at least one image of a class stays)."""
+    fraction = config.evaluation.holdout_fraction
+    if config.quant is None or config.evaluation.eval_dir is not None or fraction == 0.0:
+        return images, None
+    groups = (
+        [torch.arange(images.shape[0])]
+        if labels is None
+        else [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    )
+    held: list[torch.Tensor] = []
+    for rows in groups:
+        count = min(math.ceil(fraction * rows.numel()), rows.numel() - 1)
+        if count > 0:
+            held.append(rows[rows.numel() - count :])
+    if not held:
+        return images, None
+    held_rows = torch.cat(held)
+    mask = torch.ones(images.shape[0], dtype=torch.bool)
+    mask[held_rows] = False
+    return images[mask], images[held_rows]
+
+
+def evaluate_quantized(
+    classifier: LoadedClassifier,
+    qmodel: torch.nn.Module,
+    holdout: torch.Tensor | None,
+    config: GenQConfig,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Step 7: accuracy on the eval folder, or agreement on the held-out images; model size."""
+    device = torch.device(config.device)
+    result: dict[str, Any] = {}
+    batch = config.evaluation.batch_size
+    if config.evaluation.eval_dir is not None:
+        images, labels, _ = _labelled_folder(
+            Path(config.evaluation.eval_dir), classifier, "evaluation.eval_dir"
+        )
+        result["on"] = f"{images.shape[0]} labelled images from {config.evaluation.eval_dir}"
+        result["float"] = accuracy(
+            classifier.model, (images, labels), device=device, batch_size=batch
+        )
+        result["quantized"] = accuracy(qmodel, (images, labels), device=device, batch_size=batch)
+        result["agreement"] = agreement(classifier.model, qmodel, images, device, batch)
+    elif holdout is not None:
+        result["on"] = f"{holdout.shape[0]} held-out calibration-source images"
+        result["agreement"] = agreement(classifier.model, qmodel, holdout, device, batch)
+    else:
+        result["on"] = "nothing (no eval_dir and no held-out images)"
+    result["size"] = _size_dict(model_size(qmodel))  # type: ignore[arg-type]
+    if on_progress is not None:
+        on_progress("evaluate", 1, 1)
+    return result
+
+
+def write_quantized(
+    storage: Storage, artifacts: list[dict[str, Any]], qmodel: torch.nn.Module
+) -> None:
+    """Step 8, the model: ``model/encodings.json`` and ``model/model.safetensors``."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_quantized(qmodel, folder)  # type: ignore[arg-type]
+        for path in sorted(Path(folder).iterdir()):
+            key = f"{MODEL_PREFIX}/{path.name}"
+            put_artifact(storage, artifacts, f"model-{path.stem}", key, path.read_bytes())
+
+
+def source_summary(config: GenQConfig, made: int, seconds: float) -> dict[str, Any]:
+    """The report's ``source`` entry: which source, how many images, how fast."""
+    return {
+        "name": config.calibration.source,
+        "made": made,
+        "seconds": seconds,
+        "seconds_per_1000": 1000.0 * seconds / max(made, 1),
+    }
+
+
+def filter_summary(filter_report: FilterReport | None) -> dict[str, Any] | None:
+    """The report's ``filters`` entry, JSON-ready (so a runner can checkpoint it), or ``None``."""
+    if filter_report is None:
+        return None
+    return {**filter_report.to_dict(), "markdown": filter_report.markdown()}
+
+
+def calibration_summary(calibration: torch.Tensor, holdout: torch.Tensor | None) -> dict[str, Any]:
+    """The report's counts and statistics of the images the quantizer used and held out."""
+    return {
+        "calibration_images": int(calibration.shape[0]),
+        "holdout_images": 0 if holdout is None else int(holdout.shape[0]),
+        "calibration_stats": {
+            "mean": float(calibration.mean()),
+            "std": float(calibration.std()) if calibration.numel() > 1 else 0.0,
+        },
+    }
+
+
+def build_report(
+    config: GenQConfig,
+    num_classes: int,
+    source: dict[str, Any],
+    filters: dict[str, Any] | None,
+    calibration: dict[str, Any],
+    evaluation: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The JSON report from the steps' summaries (:func:`source_summary`,
+    :func:`filter_summary`, :func:`calibration_summary`); the caller adds ``seconds``."""
+    name = config.classifier.name or str(config.classifier.weights)
+    report: dict[str, Any] = {
+        "classifier": name,
+        "num_classes": num_classes,
+        "source": source,
+        **calibration,
+        "quant": None
+        if config.quant is None
+        else {
+            "weight_bits": config.quant.weight_bits,
+            "act_bits": config.quant.act_bits,
+            "preset": config.quant.preset,
+        },
+        "evaluation": evaluation,
+        "timings": timings,
+        "versions": versions(),
+    }
+    if filters is not None:
+        report["filters"] = filters
+    return report
+
+
+def write_reports(
+    storage: Storage, artifacts: list[dict[str, Any]], config: GenQConfig, report: dict[str, Any]
+) -> None:
+    """Step 8, the end: ``config.json``, ``report.json``, ``report.md`` and, last,
+    ``artifacts.json`` listing everything in ``artifacts`` (its presence marks a finished run)."""
+    resolved = {"config": to_dict(config), "versions": versions()}
+    put_artifact(storage, artifacts, "config", "config.json", json_bytes(resolved))
+    put_artifact(storage, artifacts, "report", "report.json", json_bytes(report))
+    put_artifact(
+        storage, artifacts, "report-markdown", "report.md", markdown_report(report).encode()
+    )
+    put_artifact(
+        storage, artifacts, "artifacts", ARTIFACTS_KEY, json_bytes({"artifacts": artifacts})
+    )
+
+
+def put_artifact(
+    storage: Storage, artifacts: list[dict[str, Any]], name: str, key: str, data: bytes
+) -> None:
+    """Store ``data`` under ``key`` and append its :func:`describe_artifact` to ``artifacts``."""
+    storage.put_bytes(key, data, content_type(key))
+    artifacts.append(describe_artifact(name, key, data))
+
+
+def describe_artifact(name: str, key: str, data: bytes) -> dict[str, Any]:
+    """An ``artifacts.json`` entry: ``{name, key, size, sha256, content_type}``."""
+    return {
+        "name": name,
+        "key": key,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "content_type": content_type(key),
+    }
+
+
+def content_type(key: str) -> str:
+    """The content type an artifact is stored with, by its key's suffix."""
+    return _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream")
+
+
+def json_bytes(data: Any) -> bytes:
+    """Indented JSON with a final newline: how every JSON artifact is written."""
+    return (json.dumps(data, indent=2, allow_nan=False, default=str) + "\n").encode()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that made a result (echoed in ``config.json`` and the report)."""
+    import diffusers
+    import timm
+
+    return {
+        "genq": genq_core.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# step helpers
 
 
 def _real_images(
@@ -589,106 +925,6 @@ def _clip_images(storage: Storage, records: list[ManifestRecord]) -> list[Image.
     return [Image.open(io.BytesIO(storage.get_bytes(r.key))).convert("RGB") for r in records]
 
 
-def _split_holdout(
-    images: torch.Tensor, labels: torch.Tensor | None, config: GenQConfig
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Calibration images and, without an eval folder, the held-out last part of each class."""
-    fraction = config.evaluation.holdout_fraction
-    if config.quant is None or config.evaluation.eval_dir is not None or fraction == 0.0:
-        return images, None
-    groups = (
-        [torch.arange(images.shape[0])]
-        if labels is None
-        else [torch.nonzero(labels == c).flatten() for c in labels.unique()]
-    )
-    held: list[torch.Tensor] = []
-    for rows in groups:
-        count = min(math.ceil(fraction * rows.numel()), rows.numel() - 1)
-        if count > 0:
-            held.append(rows[rows.numel() - count :])
-    if not held:
-        return images, None
-    held_rows = torch.cat(held)
-    mask = torch.ones(images.shape[0], dtype=torch.bool)
-    mask[held_rows] = False
-    return images[mask], images[held_rows]
-
-
-def _evaluate(
-    classifier: LoadedClassifier,
-    qmodel: torch.nn.Module,
-    holdout: torch.Tensor | None,
-    config: GenQConfig,
-    device: torch.device,
-    on_progress: ProgressFn | None,
-) -> dict[str, Any]:
-    """Step 7: accuracy on the eval folder, or agreement on the held-out images; model size."""
-    result: dict[str, Any] = {}
-    batch = config.evaluation.batch_size
-    if config.evaluation.eval_dir is not None:
-        images, labels, _ = _labelled_folder(
-            Path(config.evaluation.eval_dir), classifier, "evaluation.eval_dir"
-        )
-        result["on"] = f"{images.shape[0]} labelled images from {config.evaluation.eval_dir}"
-        result["float"] = accuracy(
-            classifier.model, (images, labels), device=device, batch_size=batch
-        )
-        result["quantized"] = accuracy(qmodel, (images, labels), device=device, batch_size=batch)
-        result["agreement"] = agreement(classifier.model, qmodel, images, device, batch)
-    elif holdout is not None:
-        result["on"] = f"{holdout.shape[0]} held-out calibration-source images"
-        result["agreement"] = agreement(classifier.model, qmodel, holdout, device, batch)
-    else:
-        result["on"] = "nothing (no eval_dir and no held-out images)"
-    result["size"] = _size_dict(model_size(qmodel))  # type: ignore[arg-type]
-    if on_progress is not None:
-        on_progress("evaluate", 1, 1)
-    return result
-
-
-def _report(
-    config: GenQConfig,
-    classifier: LoadedClassifier,
-    source: _Calibration,
-    filter_report: FilterReport | None,
-    calibration: torch.Tensor,
-    holdout: torch.Tensor | None,
-    evaluation: dict[str, Any],
-    qmodel: torch.nn.Module | None,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    name = config.classifier.name or str(config.classifier.weights)
-    report: dict[str, Any] = {
-        "classifier": name,
-        "num_classes": classifier.num_classes,
-        "source": {
-            "name": config.calibration.source,
-            "made": source.made,
-            "seconds": source.seconds,
-            "seconds_per_1000": 1000.0 * source.seconds / max(source.made, 1),
-        },
-        "calibration_images": int(calibration.shape[0]),
-        "holdout_images": 0 if holdout is None else int(holdout.shape[0]),
-        "calibration_stats": {
-            "mean": float(calibration.mean()),
-            "std": float(calibration.std()) if calibration.numel() > 1 else 0.0,
-        },
-        "quant": None
-        if config.quant is None
-        else {
-            "weight_bits": config.quant.weight_bits,
-            "act_bits": config.quant.act_bits,
-            "preset": config.quant.preset,
-        },
-        "evaluation": evaluation,
-        "timings": timings,
-        "versions": _versions(),
-    }
-    if filter_report is not None:
-        report["filters"] = {**filter_report.to_dict(), "markdown": filter_report.markdown()}
-    return report
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -708,35 +944,14 @@ def _calibration_tensors(
     return tensors
 
 
-def _put(
-    storage: Storage, artifacts: list[dict[str, Any]], name: str, key: str, data: bytes
-) -> None:
-    content_type = _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream")
-    storage.put_bytes(key, data, content_type)
-    artifacts.append(_describe(name, key, data))
-
-
-def _describe(name: str, key: str, data: bytes) -> dict[str, Any]:
-    return {
-        "name": name,
-        "key": key,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "content_type": _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream"),
-    }
-
-
 _CONTENT_TYPES = {
     ".json": "application/json",
     ".jsonl": "application/x-ndjson",
     ".md": "text/markdown",
     ".safetensors": "application/octet-stream",
     ".png": "image/png",
+    ".tar": "application/x-tar",
 }
-
-
-def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, allow_nan=False, default=str) + "\n").encode()
 
 
 def _size_dict(size: Any) -> dict[str, Any]:
@@ -744,17 +959,4 @@ def _size_dict(size: Any) -> dict[str, Any]:
         "float_bytes": size.float_bytes,
         "quantized_bytes": size.quantized_bytes,
         "compression": size.compression,
-    }
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import timm
-
-    return {
-        "genq": genq_core.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "diffusers": diffusers.__version__,
     }

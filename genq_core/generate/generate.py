@@ -121,6 +121,7 @@ def generate_images(
     storage: Storage,
     prefix: str,
     *,
+    manifest: str | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> list[ManifestRecord]:
@@ -139,6 +140,9 @@ def generate_images(
         storage: where images and manifest go; existing objects under the same keys are
             replaced.
         prefix: key prefix of this set, e.g. ``"jobs/42/synthetic"``; ``""`` for the root.
+        manifest: the manifest's key; ``None`` for ``{prefix}/manifest.jsonl``. Shards of one
+            set (subsets of its specs generated apart) each write their own manifest here and
+            share ``prefix``, so their images land where the whole set's would.
         on_progress: called as ``on_progress("generate", images_done, images_total)`` after
             each batch.
         should_stop: polled before each batch.
@@ -160,7 +164,8 @@ def generate_images(
     indexes = [spec.index for spec in specs]
     if len(set(indexes)) != len(indexes):
         raise ValueError("specs: image indexes must be unique")
-    manifest = manifest_key(prefix)
+    manifest = manifest_key(prefix) if manifest is None else manifest
+    check_key(manifest)
     set_scheduler(pipe, config.scheduler)
 
     # 2. generate batch by batch, storing each image at once
