@@ -1,9 +1,17 @@
 """The ``genq`` command line.
 
-``genq run CONFIG --out DIR`` runs the GenQ pipeline (generate, filter, quantize, evaluate) from a
-YAML/JSON config. ``genq quantize`` quantizes a float classifier on a folder of calibration images (or a tensor file)
-and, given a labelled evaluation set, reports float vs quantized accuracy as JSON and markdown.
-``genq bench fashion`` runs the reference benchmark on Fashion-MNIST (``--quick`` for a smoke run).
+On this machine: ``genq run CONFIG --out DIR`` runs the GenQ pipeline (generate, filter, quantize,
+evaluate) from a YAML/JSON config. ``genq quantize`` quantizes a float classifier on a folder of
+calibration images (or a tensor file) and, given a labelled evaluation set, reports float vs
+quantized accuracy as JSON and markdown. ``genq bench fashion`` runs the reference benchmark on
+Fashion-MNIST (``--quick`` for a smoke run).
+
+Against a GenQ server (``--server`` or ``$GENQ_SERVER``, ``--api-key`` or ``$GENQ_API_KEY``):
+``genq submit FILE [--wait]``, ``genq status JOB``, ``genq wait JOB``, ``genq download JOB``,
+``genq cancel JOB``, ``genq list`` and ``genq upload FILE --kind KIND``, through
+:class:`genq_core.client.GenQClient`. ``--json`` prints machine-readable output; an error prints
+the API's code and message and exits 2 when the request was at fault, 1 otherwise. These commands
+need httpx, never torch: this module imports torch only inside the local commands.
 """
 
 from __future__ import annotations
@@ -19,35 +27,37 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 import genq_core
-from genq_core.classifier import load_classifier
-from genq_core.data import (
-    Preprocessing,
-    load_image_folder,
-    load_labelled_image_folder,
-    load_tensor_file,
-)
-from genq_core.evaluate import accuracy, agreement, layer_sqnr, model_size, output_sqnr
 from genq_core.progress import Canceled
-from genq_core.quant import (
-    PRESETS,
-    QuantConfig,
-    ReconstructionConfig,
-    export_onnx_qdq,
-    quantize_model,
-    save_quantized,
-)
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+
+    from genq_core.client import GenQClient
+    from genq_core.data import Preprocessing
+    from genq_core.quant import QuantConfig
 
 __all__ = ["main"]
 
 logger = logging.getLogger("genq")
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+# Mirrors of genq_core.quant's registry and defaults, so that building the parser needs no torch
+# (tests/genq_core/test_cli_client.py checks that they match).
+_PRESET_NAMES = ("adaround", "brecq", "minmax", "mse", "percentile", "qdrop")
+_RECONSTRUCTION_ITERS = 2000
+_RECONSTRUCTION_BATCH_SIZE = 32
+# What the server accepts (services.common.jobs, services.api.uploads; the same test checks them).
+_JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+_JOB_KINDS = ("genq", "generate", "quantize")
+_UPLOAD_KINDS = ("model", "calibration", "kshot", "eval")
+_STAGES = ("inverting", "generating", "filtering", "quantizing", "evaluating", "uploading")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,12 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except Canceled:
         print("genq: canceled", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def run_command(args: argparse.Namespace) -> int:
     """``genq run``: the whole pipeline from a config file, with progress bars."""
     # imported here: the pipeline pulls in diffusers, which ``genq quantize`` does not need
+    import torch
+
     from genq_core.pipeline import load_genq_config, markdown_report, run_genq
 
     if args.threads:
@@ -89,6 +101,17 @@ def run_command(args: argparse.Namespace) -> int:
 
 def quantize_command(args: argparse.Namespace) -> int:
     """``genq quantize``: load, calibrate, quantize, evaluate, save."""
+    import torch
+
+    from genq_core.classifier import load_classifier
+    from genq_core.quant import (
+        QuantConfig,
+        ReconstructionConfig,
+        export_onnx_qdq,
+        quantize_model,
+        save_quantized,
+    )
+
     # 1. check inputs and load the model
     torch.manual_seed(args.seed)
     if args.threads:
@@ -137,6 +160,8 @@ def quantize_command(args: argparse.Namespace) -> int:
 def bench_fashion_command(args: argparse.Namespace) -> int:
     """``genq bench fashion``: the reference benchmark (every source, setting, seed)."""
     # imported here: the benchmark pulls in diffusers and the Fashion-MNIST assets
+    import torch
+
     from genq_core.bench.fashion_bench import BenchConfig, parse_setting, run_benchmark
 
     if args.threads:
@@ -204,6 +229,109 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def submit_command(args: argparse.Namespace, client: GenQClient) -> int:
+    """``genq submit``: send a job request (YAML or JSON) and print its id; ``--wait`` follows it."""
+    # 1. the request, checked to be a mapping before anything is sent
+    body = _load_request(args.file)
+    # 2. submit (the client sends an Idempotency-Key, so its own retries never make two jobs)
+    accepted = client.submit(body, idempotency_key=args.idempotency_key)
+    job_id = accepted["id"]
+    if not args.wait:
+        if args.json:
+            _print_json(accepted)
+        else:
+            print(job_id)
+            print(
+                f"submitted a {accepted['kind']} job ({accepted['status']}); "
+                f"follow it with: genq wait {job_id}",
+                file=sys.stderr,
+            )
+        return 0
+    # 3. or follow it to its end
+    if not args.json:
+        print(f"submitted {job_id} ({accepted['kind']})", file=sys.stderr)
+    return _wait_and_report(args, client, job_id, timeout=args.timeout)
+
+
+def status_command(args: argparse.Namespace, client: GenQClient) -> int:
+    """``genq status``: a job's status, stage, progress and error."""
+    job = client.get(args.job)
+    if args.json:
+        _print_json(job)
+    else:
+        print(_job_summary(job))
+    return 0
+
+
+def wait_command(args: argparse.Namespace, client: GenQClient) -> int:
+    """``genq wait``: follow a job's progress until it ends; exit 0 only if it succeeded."""
+    return _wait_and_report(args, client, args.job, timeout=args.timeout)
+
+
+def download_command(args: argparse.Namespace, client: GenQClient) -> int:
+    """``genq download``: fetch a job's artifacts (checked against their sha256) into a folder."""
+    dest = Path(args.dest) if args.dest else Path(args.job)
+    paths = client.download(args.job, dest, names=args.name)
+    if args.json:
+        _print_json([str(path) for path in paths])
+    else:
+        for path in paths:
+            print(path)
+        print(f"downloaded {len(paths)} artifacts of {args.job} into {dest}", file=sys.stderr)
+    return 0
+
+
+def cancel_command(args: argparse.Namespace, client: GenQClient) -> int:
+    """``genq cancel``: cancel a job (a no-op on a finished one)."""
+    job = client.cancel(args.job)
+    if args.json:
+        _print_json(job)
+    elif job["status"] == "canceled":
+        print(f"{job['id']} canceled")
+    elif job["cancel_requested"]:
+        print(f"{job['id']} cancel requested; it stops at its next checkpoint ({job['status']})")
+    else:
+        print(f"{job['id']} already {job['status']}; nothing to cancel")
+    return 0
+
+
+def list_command(args: argparse.Namespace, client: GenQClient) -> int:
+    """``genq list``: the tenant's jobs, newest first."""
+    jobs = list(client.list(status=args.status, kind=args.kind, limit=args.limit))
+    if args.json:
+        _print_json(jobs)
+        return 0
+    if not jobs:
+        print("no jobs", file=sys.stderr)
+        return 0
+    rows = [("ID", "KIND", "STATUS", "STAGE", "CREATED")]
+    rows += [
+        (job["id"], job["kind"], job["status"], job["stage"] or "-", _when(job["created_at"]))
+        for job in jobs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def upload_command(args: argparse.Namespace, client: GenQClient) -> int:
+    """``genq upload``: upload a model or an image set, validated by the server; prints its id."""
+    upload = client.upload(args.file, args.kind)
+    if args.json:
+        _print_json(upload)
+    else:
+        print(upload["id"])
+        print(
+            f"uploaded {upload['filename']}: {upload['kind']} ({upload['format']}), "
+            f"{upload['size']} bytes, {upload['status']}; use it as upload id {upload['id']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genq", description=__doc__)
     parser.add_argument("--version", action="version", version=genq_core.__version__)
@@ -246,12 +374,12 @@ def _parser() -> argparse.ArgumentParser:
     quant = q.add_argument_group("quantization")
     quant.add_argument("--weight-bits", "-w", type=int, default=4)
     quant.add_argument("--act-bits", "-a", type=int, default=4)
-    quant.add_argument("--preset", choices=sorted(PRESETS), default="qdrop")
+    quant.add_argument("--preset", choices=_PRESET_NAMES, default="qdrop")
     quant.add_argument(
         "--first-last-bits", default="8", help="bits of the first and last layers, or 'same'"
     )
-    quant.add_argument("--iters", type=_positive_int, default=ReconstructionConfig.iters)
-    quant.add_argument("--batch-size", type=_positive_int, default=ReconstructionConfig.batch_size)
+    quant.add_argument("--iters", type=_positive_int, default=_RECONSTRUCTION_ITERS)
+    quant.add_argument("--batch-size", type=_positive_int, default=_RECONSTRUCTION_BATCH_SIZE)
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     quant.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
@@ -313,6 +441,85 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--device", help="cpu (default), cuda, cuda:1")
     f.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress logging")
+
+    # ---- against a server ----
+    server = _server_options()
+    s = commands.add_parser(
+        "submit",
+        parents=[server],
+        help="submit a job to a GenQ server",
+        description="Submit a job request (a YAML or JSON file, '-' for stdin: kind genq, "
+        "generate or quantize) and print its id.",
+    )
+    s.set_defaults(handler=_client_handler(submit_command))
+    s.add_argument("file", help="the job request, YAML or JSON ('-': read stdin)")
+    s.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    s.add_argument(
+        "--timeout", type=_positive_float, metavar="S", help="with --wait: give up after S seconds"
+    )
+    s.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="resubmitting with the same key returns the same job instead of a new one",
+    )
+    s.add_argument("-q", "--quiet", action="store_true", help="with --wait: no progress output")
+
+    st = commands.add_parser("status", parents=[server], help="a job's status and progress")
+    st.set_defaults(handler=_client_handler(status_command))
+    st.add_argument("job", help="job id")
+
+    w = commands.add_parser(
+        "wait",
+        parents=[server],
+        help="follow a job until it ends",
+        description="Show a job's progress until it ends; exit 0 if it succeeded, 1 otherwise.",
+    )
+    w.set_defaults(handler=_client_handler(wait_command))
+    w.add_argument("job", help="job id")
+    w.add_argument(
+        "--timeout", type=_positive_float, metavar="S", help="give up after S seconds (exit 1)"
+    )
+    w.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    d = commands.add_parser(
+        "download",
+        parents=[server],
+        help="download a job's artifacts",
+        description="Download a job's artifacts through their presigned URLs, each checked "
+        "against the sha256 of the job's manifest.",
+    )
+    d.set_defaults(handler=_client_handler(download_command))
+    d.add_argument("job", help="job id")
+    d.add_argument("--dest", metavar="DIR", help="folder to download into (default: ./JOB)")
+    d.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="only this artifact (its name or key); repeat for several",
+    )
+
+    c = commands.add_parser("cancel", parents=[server], help="cancel a job")
+    c.set_defaults(handler=_client_handler(cancel_command))
+    c.add_argument("job", help="job id")
+
+    ls = commands.add_parser("list", parents=[server], help="your jobs, newest first")
+    ls.set_defaults(handler=_client_handler(list_command))
+    ls.add_argument("--status", choices=_JOB_STATUSES)
+    ls.add_argument("--kind", choices=_JOB_KINDS)
+    ls.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="at most N jobs (default 20)"
+    )
+
+    u = commands.add_parser(
+        "upload",
+        parents=[server],
+        help="upload a model or an image set for jobs to use",
+        description="Upload a model (.safetensors weights or a torch.export .pt2) or an image "
+        "set (.zip, .tar, .tar.gz) and print its upload id; the server validates it first.",
+    )
+    u.set_defaults(handler=_client_handler(upload_command))
+    u.add_argument("file", help="the file to upload")
+    u.add_argument("--kind", required=True, choices=_UPLOAD_KINDS, help="what the upload is for")
     return parser
 
 
@@ -360,6 +567,8 @@ def _names(text: str) -> list[str]:
 
 
 def _preprocessing(model: torch.nn.Module, args: argparse.Namespace) -> Preprocessing:
+    from genq_core.data import Preprocessing
+
     overrides: dict[str, Any] = {}
     if args.input_size:
         overrides["input_size"] = args.input_size
@@ -377,6 +586,8 @@ def _preprocessing(model: torch.nn.Module, args: argparse.Namespace) -> Preproce
 
 
 def _load_images(source: str, preprocessing: Preprocessing, limit: int) -> torch.Tensor:
+    from genq_core.data import load_image_folder, load_tensor_file
+
     path = Path(source)
     if path.is_dir():
         return load_image_folder(path, preprocessing, limit)
@@ -385,6 +596,8 @@ def _load_images(source: str, preprocessing: Preprocessing, limit: int) -> torch
 
 
 def _load_labelled(source: str, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    from genq_core.data import load_labelled_image_folder, load_tensor_file
+
     path = Path(source)
     if path.is_dir():
         images, labels, _ = load_labelled_image_folder(path, preprocessing)
@@ -404,6 +617,9 @@ def _report(
     evaluation: tuple[torch.Tensor, torch.Tensor] | None,
     quantize_seconds: float,
 ) -> dict[str, Any]:
+    import torch
+
+    from genq_core.evaluate import accuracy, agreement, layer_sqnr, model_size, output_sqnr
     from genq_core.quant import QuantizedModel
 
     assert isinstance(qmodel, QuantizedModel)
@@ -489,6 +705,8 @@ class _ProgressBars:
     def update(self, stage: str, done: int, total: int) -> None:
         bar = self.bars.get(stage)
         if bar is None:
+            from tqdm import tqdm
+
             bar = tqdm(total=total, desc=stage, disable=self.disable, file=sys.stderr)
             self.bars[stage] = bar
         bar.update(done - bar.n)
@@ -513,6 +731,273 @@ def _float_tuple(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(","))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# ---- helpers of the client commands -------------------------------------------------------------
+
+
+def _server_options() -> argparse.ArgumentParser:
+    """The options every command against a server takes."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("server")
+    group.add_argument(
+        "--server", metavar="URL", help="the GenQ server's URL (default: $GENQ_SERVER)"
+    )
+    group.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key (default: $GENQ_API_KEY, which is better: arguments show in ps)",
+    )
+    group.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return options
+
+
+def _client_handler(
+    command: Callable[[argparse.Namespace, GenQClient], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``command`` run with a client of the configured server; the API's errors become a line
+    on stderr (code and message) and exit code 2 when the request was at fault, else 1."""
+
+    def handler(args: argparse.Namespace) -> int:
+        # imported here: the local commands must keep working where httpx is not installed
+        try:
+            from genq_core.client import GenQClient, GenQError
+        except ImportError as err:
+            print(f"genq: error: the server commands need httpx ({err})", file=sys.stderr)
+            return EXIT_FAILURE
+        server = args.server or os.environ.get("GENQ_SERVER")
+        api_key = args.api_key or os.environ.get("GENQ_API_KEY")
+        if not server:
+            raise ValueError("no server: pass --server URL or set GENQ_SERVER")
+        if not api_key:
+            raise ValueError("no API key: set GENQ_API_KEY (or pass --api-key)")
+        try:
+            with GenQClient(server, api_key) as client:
+                return command(args, client)
+        except GenQError as err:
+            print(f"genq: error: {err.code}: {err.message}", file=sys.stderr)
+            return EXIT_USAGE if err.is_user_error else EXIT_FAILURE
+        except KeyboardInterrupt:
+            print("genq: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return handler
+
+
+def _load_request(source: str) -> dict[str, Any]:
+    """A job request from a JSON or YAML file (``-``: stdin); ``ValueError`` naming the problem."""
+    if source == "-":
+        text, name = sys.stdin.read(), "stdin"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist or is not a file")
+        text, name = path.read_text(), str(path)
+    if source.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} is not valid JSON: {err}") from err
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(
+                f"reading {name} needs PyYAML (pip install pyyaml); or give a .json file"
+            ) from None
+        try:
+            data = yaml.safe_load(text)  # YAML includes JSON
+        except yaml.YAMLError as err:
+            raise ValueError(f"{name} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{name} must hold a job request (a mapping with 'kind'), got {type(data).__name__}"
+        )
+    return data
+
+
+def _wait_and_report(
+    args: argparse.Namespace, client: GenQClient, job_id: str, timeout: float | None
+) -> int:
+    """Follow the job with a progress view, print its final state; 0 only if it succeeded."""
+    try:
+        with _JobProgressView(quiet=args.quiet or args.json) as view:
+            job = client.wait(job_id, timeout=timeout, on_update=view.update)
+    except KeyboardInterrupt:
+        print(
+            f"genq: stopped waiting; {job_id} keeps running (genq cancel {job_id} stops it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if args.json:
+        _print_json(job)
+    else:
+        print(_job_summary(job))
+    return 0 if job["status"] == "succeeded" else EXIT_FAILURE
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _job_summary(job: dict[str, Any]) -> str:
+    """A job for people: id, kind and status, then progress, error and timestamps."""
+    state = job["status"]
+    details = [f"stage {job['stage']}"] if job.get("stage") and state == "running" else []
+    if job.get("attempt", 0) > 1:
+        details.append(f"attempt {job['attempt']}")
+    if job.get("cancel_requested") and state not in ("canceled", "succeeded", "failed"):
+        details.append("cancel requested")
+    head = f"{job['id']}  {job['kind']}  {state}" + (f" ({', '.join(details)})" if details else "")
+    lines = [head]
+    progress = _progress_text(job.get("progress"))
+    if progress:
+        lines.append(f"  progress  {progress}")
+    error = job.get("error")
+    if error:
+        retry = " (retryable)" if error.get("retryable") else ""
+        lines.append(f"  error     {error['code']}: {error['message']}{retry}")
+    lines.append(f"  created   {_when(job['created_at'])}")
+    lines.append(f"  updated   {_when(job['updated_at'])}")
+    return "\n".join(lines)
+
+
+def _progress_text(progress: dict[str, Any] | None) -> str:
+    """``generating 64/64, filtering 64/64; images 64 generated, 32 kept; 3 blocks reconstructed``."""
+    if not progress:
+        return ""
+    stages = sorted((progress.get("stages") or {}).items(), key=lambda item: _stage_rank(item[0]))
+    parts = [", ".join(f"{stage} {p.get('done', 0)}/{p.get('total', 0)}" for stage, p in stages)]
+    parts.append(_counters_text(progress))
+    return "; ".join(part for part in parts if part)
+
+
+def _counters_text(progress: dict[str, Any]) -> str:
+    """``images 64 generated, 32 kept; 3 blocks reconstructed`` (what is non-zero of it)."""
+    parts = []
+    generated, kept = progress.get("images_generated", 0), progress.get("images_kept", 0)
+    if generated or kept:
+        parts.append(f"images {generated} generated, {kept} kept")
+    blocks = progress.get("blocks_reconstructed", 0)
+    if blocks:
+        parts.append(f"{blocks} block{'s' if blocks != 1 else ''} reconstructed")
+    return "; ".join(parts)
+
+
+def _has_tqdm() -> bool:
+    try:
+        import tqdm  # noqa: F401  (optional: plain status lines without it)
+    except ImportError:
+        return False
+    return True
+
+
+def _stage_rank(stage: str) -> int:
+    return _STAGES.index(stage) if stage in _STAGES else len(_STAGES)
+
+
+def _when(timestamp: str) -> str:
+    """An ISO timestamp to the second, as ``2025-01-31 12:00:05``."""
+    return timestamp.replace("T", " ")[:19]
+
+
+class _JobProgressView:
+    """Shows what ``GenQClient.wait`` reports on stderr: a status line on each change of status
+    or stage (``running  generating``), then on a terminal a tqdm bar of the stage's done/total
+    with the job's counters, elsewhere status lines with them
+    (``running  generating 32/64  images 32 generated, 0 kept``), at most one a second.
+
+    Updates are job records or events: both carry ``status``, ``stage`` and ``progress`` (events
+    other than progress events carry ``None``; the last progress seen is kept)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.stream = sys.stderr
+        self.progress: dict[str, Any] = {}
+        self.use_bars = not quiet and self.stream.isatty() and _has_tqdm()
+        self._bar: tqdm[Any] | None = None
+        self._state: tuple[Any, Any] = (None, None)
+        self._printed = ""
+        self._pending = ""  # the latest line held back by the once-a-second limit
+        self._printed_at = 0.0
+
+    def __enter__(self) -> _JobProgressView:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def update(self, update: dict[str, Any]) -> None:
+        """Take one job record or event from ``GenQClient.wait``."""
+        if self.quiet:
+            return
+        if update.get("progress"):
+            self.progress = update["progress"]
+        state = (update.get("status"), update.get("stage"))
+        if self.use_bars:
+            self._update_bar(state)
+            return
+        line = _status_line(*state, self.progress)
+        if state != self._state:
+            # a new status or stage: first the held-back end of the previous one
+            if self._pending:
+                self._print(self._pending)
+            self._state = state
+            self._print(line)
+        elif line != self._printed:
+            if time.monotonic() - self._printed_at >= 1.0:
+                self._print(line)
+            else:
+                self._pending = line
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+        self._printed, self._pending, self._printed_at = line, "", time.monotonic()
+
+    def _update_bar(self, state: tuple[Any, Any]) -> None:
+        """One bar at a time: the running stage's; a finished stage's bar stays on screen."""
+        from tqdm import tqdm
+
+        status, stage = state
+        if state != self._state:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            self._state = state
+            print(_status_line(status, stage, {}), file=self.stream, flush=True)
+        counts = (self.progress.get("stages") or {}).get(stage) if status == "running" else None
+        if not counts or not counts.get("total"):
+            return
+        if self._bar is None:
+            self._bar = tqdm(
+                total=counts["total"],
+                desc=stage,
+                file=self.stream,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+            )
+        self._bar.total = counts["total"]
+        self._bar.n = counts.get("done", 0)
+        self._bar.set_postfix_str(_counters_text(self.progress), refresh=False)
+        self._bar.refresh()
+
+
+def _status_line(status: Any, stage: Any, progress: dict[str, Any]) -> str:
+    """``running  generating 32/64  images 32 generated, 0 kept``; ``succeeded`` at the end."""
+    parts = [str(status)]
+    if status == "running" and stage:
+        counts = (progress.get("stages") or {}).get(stage)
+        total = counts.get("total", 0) if counts else 0
+        parts.append(f"{stage} {counts.get('done', 0)}/{total}" if counts and total else stage)
+        parts.append(_counters_text(progress))
+    return "  ".join(part for part in parts if part)
 
 
 if __name__ == "__main__":
