@@ -222,6 +222,7 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
         benchmarks_md=benchmarks_md,
         command=_bench_command(args),
         section=args.section,
+        cached_only=args.cached_only,
     )
     print(result.markdown)
     written = [*result.files, *([benchmarks_md] if benchmarks_md else [])]
@@ -432,6 +433,11 @@ def _parser() -> argparse.ArgumentParser:
         "--benchmarks-md", help="BENCHMARKS.md to update (default BENCHMARKS.md; quick: none)"
     )
     f.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md alone")
+    f.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="run nothing: report what --work-dir holds (e.g. after one invocation per seed)",
+    )
     f.add_argument(
         "--section",
         default="fashion-bench",

@@ -420,6 +420,7 @@ def run_benchmark(
     benchmarks_md: str | Path | None = None,
     command: str = "genq bench fashion",
     section: str = SECTION,
+    cached_only: bool = False,
 ) -> BenchResult:
     """Run the benchmark (or its missing parts) and write its results.
 
@@ -433,6 +434,9 @@ def run_benchmark(
         command: the command line echoed with the tables.
         section: the section of ``benchmarks_md`` to replace (another name keeps a second table,
             e.g. of other models, next to the main one).
+        cached_only: report what ``work_dir`` holds and run nothing: missing calibration sets
+            show as unavailable ("not run") and missing runs as empty cells. For assembling the
+            results of several invocations that shared ``work_dir`` (e.g. one per seed).
 
     Raises:
         ValueError: a bad config or a weights file whose checksum differs from its manifest.
@@ -443,7 +447,7 @@ def run_benchmark(
         raise ValueError(f"config must be a BenchConfig, got {type(config).__name__}")
     started = time.perf_counter()
     device = torch.device(config.device)
-    bench = _Bench(config, Path(work_dir), device)
+    bench = _Bench(config, Path(work_dir), device, cached_only=cached_only)
     notes: list[str] = []
     models = _resolve_models(config, notes)
     target = _resolve_target(config, notes) if config.data_scarce_model else None
@@ -819,11 +823,18 @@ class _Pool:
     fingerprint: str
 
 
+class _NotCached(LookupError):
+    """A pool a ``cached_only`` bench would have to generate."""
+
+
 class _Bench:
     """The benchmark's state: data, caches, finished runs, progress."""
 
-    def __init__(self, config: BenchConfig, work_dir: Path, device: torch.device) -> None:
+    def __init__(
+        self, config: BenchConfig, work_dir: Path, device: torch.device, cached_only: bool = False
+    ) -> None:
         self.config = config
+        self.cached_only = cached_only
         self.work = work_dir
         self.device = device
         self.work.mkdir(parents=True, exist_ok=True)
@@ -882,8 +893,11 @@ class _Bench:
         block: str,
         row: str,
         k: int = 0,
-    ) -> dict[str, Any]:
-        """Quantize ``classifier`` on ``calibration`` and evaluate it (skipped when done)."""
+    ) -> dict[str, Any] | None:
+        """Quantize ``classifier`` on ``calibration`` and evaluate it (skipped when done).
+
+        ``None`` when the run is not in the store and the bench is ``cached_only``.
+        """
         config = self.config
         assert calibration.images is not None
         key = "|".join(
@@ -905,6 +919,8 @@ class _Bench:
         if done is not None:
             self.progress.skipped(preset)
             return done
+        if self.cached_only:
+            return None
         weight_bits, act_bits, first_last_bits = setting
         quant = QuantConfig(
             weight_bits=weight_bits,
@@ -988,7 +1004,10 @@ class _Bench:
             "n": config.num_calibration,
         }
         if source in ("genq", "generated", "energy_only", "bn_only"):
-            parts["pool"] = self.main_pool(seed).fingerprint
+            try:
+                parts["pool"] = self.main_pool(seed).fingerprint
+            except _NotCached as missing:
+                return _Calibration(name, "", None, _unavailable(f"{missing} was not run"))
             parts["keep"] = [config.energy_keep, config.distribution_keep]
         if source == "inversion":
             parts["iters"] = config.inversion_iters
@@ -1138,6 +1157,8 @@ class _Bench:
         if cache.is_file():
             tensors, meta = _read_cache(cache)
             detail = meta["detail"]
+        elif self.cached_only:
+            raise _NotCached(f"pool {name}")
         else:
             logger.info(
                 "generating pool %s (%d images per class)", name, self.config.pool_per_class
@@ -1242,7 +1263,10 @@ class _Bench:
 
     def filter_scores(self, classifier: _Classifier, seed: int) -> dict[str, torch.Tensor]:
         """The GenQ filter scores of ``seed``'s pool for ``classifier`` (plots), with the pool."""
-        pool = self.main_pool(seed)
+        try:
+            pool = self.main_pool(seed)
+        except _NotCached:
+            return {}
         path = self._filter_scores_path(classifier, seed, pool)
         if not path.is_file():
             return {}
@@ -1269,6 +1293,8 @@ class _Bench:
         if path.is_file():
             tensors, info = _read_cache(path)
             return _Calibration(name, fingerprint, tensors["images"], info)
+        if self.cached_only:
+            return _Calibration(name, fingerprint, None, _unavailable(f"{name} was not run"))
         logger.info("making calibration set %s", name)
         images, info = make()
         info = {"available": True, "note": None, **info}
@@ -1288,7 +1314,8 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
 
     def run_all(calibration: _Calibration, method: str, k: int, seed: int) -> None:
         sources.setdefault(f"{method}:{k}", []).append({"seed": seed, **calibration.info})
-        assert calibration.images is not None
+        if calibration.images is None:  # only with cached_only: not made yet
+            return
         for setting in config.data_scarce_settings:
             for preset in config.presets:
                 bench.run(
@@ -1337,7 +1364,11 @@ def _kshot_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) ->
 
 def _ti_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) -> _Calibration:
     config = bench.config
-    pool = bench.ti_pool(k, seed, target.shifted)
+    try:
+        pool = bench.ti_pool(k, seed, target.shifted)
+    except _NotCached as missing:
+        name = f"{target.name}/textual inversion k={k}/seed{seed}"
+        return _Calibration(name, "", None, _unavailable(f"{missing} was not run"))
     parts = {
         "model": target.sha256,
         "pool": pool.fingerprint,

@@ -8,6 +8,7 @@ the fallback path run). Everything else is cut to a few images and steps.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -276,3 +277,24 @@ def test_benchmarks_sections_are_replaced_independently(tmp_path: Path) -> None:
     assert "## Reference benchmark (Fashion-MNIST): fashion-bench-vit" in text
     with pytest.raises(ValueError, match="section"):
         fb.write_benchmarks_section(path, "x", section="bad name -->")
+
+
+def test_cached_only_reports_what_was_run_and_runs_nothing(
+    bench_run: tuple[fb.BenchResult, Path], tiny_config: fb.BenchConfig
+) -> None:
+    result, root = bench_run
+    runs_file = root / "work" / fb.RUNS_FILE
+    lines_before = runs_file.read_text().splitlines()
+    # seed 1 was never run: its sets and runs are reported missing instead of being made
+    config = dataclasses.replace(tiny_config, seeds=(0, 1))
+    report = fb.run_benchmark(
+        config, root / "work", root / "cached-out", cached_only=True, command="pytest cached"
+    ).report
+    assert runs_file.read_text().splitlines() == lines_before
+    assert sorted(r["top1"] for r in report["runs"]) == sorted(
+        r["top1"] for r in result.report["runs"]
+    )
+    by_seed = report["sources"]["bn_cnn"]["genq"]["by_seed"]
+    assert [entry["seed"] for entry in by_seed] == [0, 1]
+    assert by_seed[1]["available"] is False and "not run" in by_seed[1]["note"]
+    assert report["sources"]["bn_cnn"]["genq"]["available"]  # seed 0's set
