@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,11 +16,11 @@ import httpx
 import pytest
 
 from genq_core.client import GenQClient, GenQError, WaitTimeout
+from tests.support.imports import loaded_modules
 
 BASE = "http://genq.test"
 KEY = "secret-key"
 JOB = "job_01HZZZZZZZZZZZZZZZZZZZZZZZ"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -617,18 +615,5 @@ def test_bad_settings_are_refused() -> None:
 
 
 def test_the_client_imports_no_torch() -> None:
-    code = (
-        "import json, sys\n"
-        "import genq_core.client\n"
-        "heavy = ('torch', 'torchvision', 'timm', 'diffusers', 'numpy', 'services')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert json.loads(done.stdout) == []
+    heavy = ("torch", "torchvision", "timm", "diffusers", "numpy", "services")
+    assert loaded_modules("import genq_core.client", heavy) == set()

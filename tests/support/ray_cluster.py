@@ -31,11 +31,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.processes import free_port, log_tail, start_process, stop_process, wait_until
 
 __all__ = [
     "RAY_ENV",
@@ -101,14 +102,14 @@ def ray_cluster(
     processes: list[subprocess.Popen[bytes]] = []
     try:
         # 1. the head node
-        port = _free_port()
+        port = free_port()
         address = f"127.0.0.1:{port}"
         head = [
             "--head",
             f"--port={port}",
             f"--num-cpus={head_cpus}",
             "--include-dashboard=false",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ]
         processes.append(_start_node(head, root, env, "head"))
         _wait_for_nodes(address, 1, processes, root, env, start_timeout)
@@ -128,7 +129,7 @@ def ray_cluster(
     finally:
         # 3. worker nodes first, the head last; then anything that outlived them
         for process in reversed(processes):
-            _stop(process)
+            stop_process(process, timeout_s=30.0)  # ray start --block stops what it started
         kill_processes_under(root)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -186,25 +187,14 @@ def _start_node(
         "--node-ip-address=127.0.0.1",
         f"--temp-dir={root}",
         f"--object-store-memory={_OBJECT_STORE_BYTES}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
         "--disable-usage-stats",
         *args,
     ]
-    log = open(root / f"{name}.log", "ab")  # noqa: SIM115 - the child writes it until it stops
-    try:
-        return subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in pytest must not kill it before cleanup
-        )
-    finally:
-        log.close()
+    return start_process(command, root / f"{name}.log", env)
 
 
 def _wait_for_nodes(
@@ -223,44 +213,23 @@ def _wait_for_nodes(
         f"while sum(1 for n in ray.nodes() if n['Alive']) < {count}:\n"
         "    time.sleep(0.5)\n"
     )
-    with open(root / "probe.log", "ab") as log:
-        prober = subprocess.Popen(
-            [sys.executable, "-c", probe], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + timeout
+    prober = start_process([sys.executable, "-c", probe], root / "probe.log", env)
     try:
-        while prober.poll() is None:
-            for process in processes:
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"ray start exited with code {process.returncode}; logs in {root}:\n"
-                        + _logs_tail(root)
-                    )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{count} Ray nodes did not come up within {timeout:.0f} s; logs in "
-                    f"{root}:\n" + _logs_tail(root)
-                )
-            time.sleep(0.2)
+        wait_until(
+            lambda: prober.poll() is not None,
+            timeout,
+            f"{count} Ray nodes to come up",
+            root,
+            watch=processes,
+            poll_s=0.2,
+        )
         if prober.returncode != 0:
             raise RuntimeError(
                 f"the probe of {address} failed ({prober.returncode}); logs in {root}:\n"
-                + _logs_tail(root)
+                + log_tail(root)
             )
     finally:
-        _stop(prober)
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGTERM: ``ray start --block`` then stops the Ray processes it started."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+        stop_process(prober)
 
 
 def _loopback_name() -> str:
@@ -278,18 +247,3 @@ def _loopback_name() -> str:
     except OSError:
         pass
     return "127.1"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _logs_tail(root: Path, lines: int = 20) -> str:
-    parts = []
-    for log in sorted(root.glob("*.log")):
-        text = log.read_text(errors="replace").splitlines()[-lines:]
-        parts.append(f"--- {log.name}\n" + "\n".join(text))
-    return "\n".join(parts)

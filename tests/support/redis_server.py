@@ -8,12 +8,7 @@ how the tests check that jobs survive a restart.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +16,9 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["RedisServerInfo", "find_redis_server", "redis_server"]
+from tests.support.processes import start_on_free_port, stop_process
 
-_PORT_ATTEMPTS = 3
+__all__ = ["RedisServerInfo", "find_redis_server", "redis_server"]
 
 
 @dataclass(frozen=True)
@@ -90,26 +85,9 @@ def redis_server(
     root = Path(tmp_dir)
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / "redis.log"
-    process, port = _start(binary, root, log_path, appendonly, start_timeout)
-    try:
-        yield RedisServerInfo(
-            host="127.0.0.1", port=port, pid=process.pid, dir=root, log_path=log_path
-        )
-    finally:
-        _stop(process)
 
-
-def _start(
-    binary: str, root: Path, log_path: Path, appendonly: bool, timeout: float
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the server on a free port; return it once PING answers, with its port.
-
-    Another process may bind the port between picking and binding it: such a clash is retried on
-    a new port.
-    """
-    for attempt in range(1, _PORT_ATTEMPTS + 1):
-        port = _free_port()
-        command = [
+    def command(port: int) -> list[str]:
+        return [
             binary,
             "--bind",
             "127.0.0.1",
@@ -122,90 +100,30 @@ def _start(
             "--appendonly",
             "yes" if appendonly else "no",
             "--daemonize",
-            "no",  # stay our child, so we stop it by the PID we hold
-            "--logfile",
-            str(log_path),
+            "no",  # stay our child, so we stop it by the PID we hold; it logs to stdout
         ]
-        log_start = log_path.stat().st_size if log_path.exists() else 0
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C in pytest must not kill it before cleanup
-        )
-        try:
-            _wait_until_ping(process, port, log_path, timeout)
-        except RuntimeError:
-            _stop(process)
-            port_taken = log_path.exists() and "Address already in use" in _read_from(
-                log_path, log_start
-            )
-            if port_taken and attempt < _PORT_ATTEMPTS:
-                continue
-            raise
-        except BaseException:
-            _stop(process)
-            raise
-        return process, port
-    raise AssertionError("the last attempt returns or raises")
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_ping(
-    process: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float
-) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
-    deadline = time.monotonic() + timeout
+    process, port = start_on_free_port(
+        command,
+        _answers_ping,
+        what="redis-server",
+        port_taken="Address already in use",
+        log_path=log_path,
+        timeout_s=start_timeout,
+    )
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with code {process.returncode} before answering on "
-                    f"port {port}; log {log_path}:\n{_log_tail(log_path)}"
-                )
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.BusyLoadingError:
-                pass  # still loading the AOF
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"redis-server did not answer PING on port {port} within {timeout:.0f} s; "
-                    f"log {log_path}:\n{_log_tail(log_path)}"
-                )
-            time.sleep(0.02)
+        yield RedisServerInfo(
+            host="127.0.0.1", port=port, pid=process.pid, dir=root, log_path=log_path
+        )
+    finally:
+        stop_process(process)  # on SIGTERM Redis flushes the AOF and exits
+
+
+def _answers_ping(port: int) -> bool:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        return False  # not listening yet, or still loading the AOF (BusyLoadingError)
     finally:
         client.close()
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM (Redis flushes the AOF and exits), then SIGKILL if it hangs."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def _read_from(path: Path, offset: int) -> str:
-    with open(path, "rb") as log:
-        log.seek(offset)
-        return log.read().decode(errors="replace")
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return "(no log written)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,12 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.processes import start_on_free_port, stop_process
+
 __all__ = ["S3ServerInfo", "find_juicefs", "s3_server"]
 
 ACCESS_KEY = "genq-test-access"
 SECRET_KEY = "genq-test-secret-key"
 _VOLUME_NAME = "genqtest"
-_PORT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -110,37 +108,12 @@ def s3_server(tmp_dir: str | Path, start_timeout: float = 20.0) -> Iterator[S3Se
     if formatted.returncode != 0:
         raise RuntimeError(
             f"juicefs format failed with exit code {formatted.returncode}:\n"
-            f"{_tail(formatted.stdout + formatted.stderr)}"
+            + "\n".join((formatted.stdout + formatted.stderr).splitlines()[-30:])
         )
 
     # 2. start the gateway on a free loopback port and wait until it answers
-    log_path = root / "gateway.log"
-    process, port = _start_gateway(juicefs, env, meta_url, root, log_path, start_timeout)
-    try:
-        # 3. hand it out
-        yield S3ServerInfo(
-            endpoint=f"127.0.0.1:{port}",
-            access_key=ACCESS_KEY,
-            secret_key=SECRET_KEY,
-            port=port,
-            log_path=log_path,
-        )
-    finally:
-        # 4. stop it by its PID, gently first
-        _stop(process)
-
-
-def _start_gateway(
-    juicefs: str, env: dict[str, str], meta_url: str, root: Path, log_path: Path, timeout: float
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the gateway on a free port; return it once it answers, with its port.
-
-    Another process may bind the port between picking and binding it: such a clash is retried
-    on a new port.
-    """
-    for attempt in range(1, _PORT_ATTEMPTS + 1):
-        port = _free_port()
-        command = [
+    def command(port: int) -> list[str]:
+        return [
             juicefs,
             "gateway",
             "--multi-buckets",
@@ -156,75 +129,35 @@ def _start_gateway(
             meta_url,
             f"127.0.0.1:{port}",
         ]
-        with open(log_path, "ab") as log:
-            log_start = log.tell()
-            process = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in pytest must not kill it before cleanup
-            )
-        try:
-            _wait_until_live(process, port, log_path, timeout)
-        except RuntimeError:
-            _stop(process)
-            with open(log_path, "rb") as log:
-                log.seek(log_start)
-                port_taken = b"port is already in use" in log.read()
-            if port_taken and attempt < _PORT_ATTEMPTS:
-                continue
-            raise
-        except BaseException:
-            _stop(process)
-            raise
-        return process, port
-    raise AssertionError("the last attempt returns or raises")
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_live(
-    process: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float
-) -> None:
-    url = f"http://127.0.0.1:{port}/minio/health/live"
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"juicefs gateway exited with code {process.returncode} before answering on "
-                f"port {port}; log {log_path}:\n{_tail(log_path.read_text(errors='replace'))}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"juicefs gateway did not answer on port {port} within {timeout:.0f} s; "
-                f"log {log_path}:\n{_tail(log_path.read_text(errors='replace'))}"
-            )
-        time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
+    log_path = root / "gateway.log"
+    process, port = start_on_free_port(
+        command,
+        _is_live,
+        what="juicefs gateway",
+        port_taken="port is already in use",
+        log_path=log_path,
+        timeout_s=start_timeout,
+        env=env,
+    )
     try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+        # 3. hand it out
+        yield S3ServerInfo(
+            endpoint=f"127.0.0.1:{port}",
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            port=port,
+            log_path=log_path,
+        )
+    finally:
+        # 4. stop it by its PID, gently first
+        stop_process(process)
 
 
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+def _is_live(port: int) -> bool:
+    url = f"http://127.0.0.1:{port}/minio/health/live"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,20 +26,6 @@ from tests.support.redis_server import RedisServerInfo, redis_server
 
 CONFIG = {"model": "resnet18", "bits": {"w": 4, "a": 4}, "filters": [], "seed": 0}
 OOM = JobError(code="worker_lost", message="the worker died", retryable=True)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerInfo]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as info:
-        yield info
-
-
-@pytest.fixture
-def client(server: RedisServerInfo) -> Iterator[redis.Redis]:
-    client = server.client()
-    client.flushdb()
-    yield client
-    client.close()
 
 
 @pytest.fixture

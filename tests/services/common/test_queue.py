@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
 from services.common.queue import JobQueue, QueueFull
-from tests.support.redis_server import RedisServerInfo, redis_server
+from tests.support.redis_server import RedisServerInfo
 
 IDLE_MS = 200  # small, so "a dead consumer" is quick to simulate
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerInfo]:
-    with redis_server(tmp_path_factory.mktemp("redis"), appendonly=False) as info:
-        yield info
-
-
-@pytest.fixture
-def client(server: RedisServerInfo) -> Iterator[redis.Redis]:
-    client = server.client()
-    client.flushdb()
-    yield client
-    client.close()
 
 
 @pytest.fixture
