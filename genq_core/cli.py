@@ -547,6 +547,7 @@ _BENCH_FASHION_OPTIONS = (
     "ks",
     "data_scarce_model",
     "data_scarce_settings",
+    "data_scarce_seeds",
     "no_data_scarce",
     "assets",
     "generator",

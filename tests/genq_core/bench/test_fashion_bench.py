@@ -215,6 +215,7 @@ def test_rerun_through_the_cli_reuses_everything(
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in result.report["runs"]]
     assert again["command"].startswith("genq bench fashion --models resnet --settings W4A4")
     assert again["config"]["data_scarce_seeds"] == [0]
+    assert "--data-scarce-seeds 0" in again["command"]
     assert "| W4A4 |" in capsys.readouterr().out
 
 
