@@ -6,6 +6,10 @@ calibration images (or a tensor file) and, given a labelled evaluation set, repo
 quantized accuracy as JSON and markdown. ``genq bench fashion`` runs the reference benchmark on
 Fashion-MNIST (``--quick`` for a smoke run).
 
+``genq serve --embedded`` runs the whole service in this process (API, one worker, local storage,
+an in-process job store; ``services.embedded``); ``genq serve`` alone runs the distributed mode's
+API (its workers are ``python -m services.workers``).
+
 Against a GenQ server (``--server`` or ``$GENQ_SERVER``, ``--api-key`` or ``$GENQ_API_KEY``):
 ``genq submit FILE [--wait]``, ``genq status JOB``, ``genq wait JOB``, ``genq download JOB``,
 ``genq cancel JOB``, ``genq list`` and ``genq upload FILE --kind KIND``, through
@@ -230,6 +234,47 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    """``genq serve``: the service's API, with (``--embedded``) or without its workers."""
+    try:
+        import uvicorn
+
+        if args.embedded:
+            from services.embedded import serve
+    except ImportError as err:
+        raise ValueError(
+            f"genq serve needs the service's packages ({err}); install the 'api' and 'worker' "
+            "extras: pip install -e '.[api,worker]'"
+        ) from None
+    log_level = "debug" if args.verbose else args.log_level
+    logging.getLogger().setLevel(log_level.upper())
+    if args.embedded:
+        data_dir = Path(args.data_dir or os.environ.get("GENQ_DATA_DIR") or "runs/service")
+        serve(
+            data_dir,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            threads=args.threads,
+            log_level=log_level,
+        )
+    else:
+        if args.data_dir or args.workers != 1 or args.threads:
+            raise ValueError(
+                "--data-dir, --workers and --threads are for --embedded; the distributed "
+                "workers take GENQ_* settings (python -m services.workers)"
+            )
+        # the distributed mode's settings all come from GENQ_* (services.api.settings)
+        uvicorn.run(
+            "services.api.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            log_level=log_level,
+        )
+    return 0
+
+
 def submit_command(args: argparse.Namespace, client: GenQClient) -> int:
     """``genq submit``: send a job request (YAML or JSON) and print its id; ``--wait`` follows it."""
     # 1. the request, checked to be a mapping before anything is sent
@@ -447,6 +492,34 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--device", help="cpu (default), cuda, cuda:1")
     f.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress logging")
+
+    sv = commands.add_parser(
+        "serve",
+        help="run the GenQ service",
+        description="Run the REST API. --embedded: the whole service in this process (one "
+        "worker, local storage, an in-process job store saved under --data-dir), no external "
+        "servers. Without it: the distributed mode's API, configured by GENQ_* variables "
+        "(Redis, S3, API keys); run its workers with python -m services.workers.",
+    )
+    sv.set_defaults(handler=serve_command)
+    sv.add_argument("--embedded", action="store_true", help="API and workers in this process")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    sv.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    sv.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="embedded: storage, job store and API key (default $GENQ_DATA_DIR or runs/service)",
+    )
+    sv.add_argument(
+        "--workers", type=_positive_int, default=1, help="embedded: in-process workers (1)"
+    )
+    sv.add_argument("--threads", type=_positive_int, help="embedded: torch CPU threads")
+    sv.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="server log level (default info)",
+    )
 
     # ---- against a server ----
     server = _server_options()

@@ -27,6 +27,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.genq-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
-    "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[core,generate,api,worker,dev]"
+    "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[core,generate,api,worker,embedded,dev]"
     touch "$stamp"
 fi

@@ -4,8 +4,8 @@
 
 Distributed mode (``GENQ_MODE=distributed``): Redis for jobs, uploads and the queue, an S3 server
 for objects; the app refuses to be built without API keys or those settings and names what is
-missing. The embedded mode's own job store comes later: until then it needs a Redis client passed
-in, and uses local folders for objects (no presigned URLs there: those routes answer 501).
+missing. The embedded mode (``genq serve --embedded``, ``services.embedded``) builds the app with
+its in-process job store passed in, local folders for objects and download links the API signs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from redis import Redis
 from services.api.errors import install_error_handlers
 from services.api.metrics import ApiMetrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from services.api.routers import health, jobs, uploads
+from services.api.routers import files, health, jobs, uploads
 from services.api.settings import ApiSettings
 from services.api.state import build_state
 from services.api.storage import Buckets
@@ -60,8 +60,8 @@ def create_app(
     settings.check()
     if settings.mode == Mode.EMBEDDED and redis is None:
         raise ValueError(
-            "the embedded mode's job store is not available yet: pass a Redis client to "
-            "create_app(redis=...) or set GENQ_MODE=distributed"
+            "the embedded mode runs the API and its worker in one process: start it with "
+            "`genq serve --embedded` (or set GENQ_MODE=distributed and the Redis/S3 settings)"
         )
     metrics = ApiMetrics()
 
@@ -89,6 +89,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(uploads.router)
     app.include_router(health.router)
+    app.include_router(files.router)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -35,6 +35,7 @@ __all__ = [
     "ERROR_RESPONSES",
     "ApiError",
     "Conflict",
+    "Forbidden",
     "InvalidField",
     "InvalidUpload",
     "NotFound",
@@ -79,6 +80,12 @@ class NotFound(ApiError):
 
 class Unauthenticated(ApiError):
     code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    """A credential that is genuine but does not allow this (an expired or altered link)."""
+
+    code = "forbidden"
 
 
 class InvalidField(ApiError):
@@ -130,6 +137,7 @@ class Unavailable(ApiError):
 # The one table of HTTP statuses; subclasses inherit their base's status (looked up along the MRO).
 _STATUS: dict[type[Exception], int] = {
     Unauthenticated: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     TooLarge: 413,

@@ -13,6 +13,7 @@ from redis.retry import Retry
 from genq_core.storage_s3 import StorageError
 from services.api.metrics import ApiMetrics
 from services.api.settings import ApiSettings
+from services.api.signing import LinkSigner
 from services.api.storage import Buckets, local_buckets, s3_buckets
 from services.api.uploads import UploadStore
 from services.common.jobstore import JobStore
@@ -41,6 +42,8 @@ class AppState:
     metrics: ApiMetrics
     events_limiter: anyio.CapacityLimiter
     owns_redis: bool
+    link_signer: LinkSigner | None = None
+    """Signs the embedded mode's download links (``/files/<token>``); ``None`` with S3."""
 
     def close(self) -> None:
         if self.owns_redis:
@@ -83,11 +86,14 @@ def build_state(
     uploads = UploadStore(redis, prefix, pending_ttl_s=settings.presign_expiry_s)
     metrics.bind(redis, prefix, store, queue)
 
-    # 2. object storage, one store per bucket role
+    # 2. object storage, one store per bucket role; local folders get signed download links
+    link_signer: LinkSigner | None = None
     if buckets is None:
-        buckets = (
-            s3_buckets(settings) if settings.mode == Mode.DISTRIBUTED else local_buckets(settings)
-        )
+        if settings.mode == Mode.DISTRIBUTED:
+            buckets = s3_buckets(settings)
+        else:
+            link_signer = LinkSigner()
+            buckets = local_buckets(settings, link_signer)
     for role, bucket in buckets.items():
         try:
             bucket.ensure_bucket()
@@ -103,4 +109,5 @@ def build_state(
         metrics=metrics,
         events_limiter=events_limiter,
         owns_redis=owns_redis,
+        link_signer=link_signer,
     )

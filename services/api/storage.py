@@ -1,8 +1,9 @@
 """The object storage the API needs, as a small interface, one instance per bucket role.
 
 Distributed mode: :class:`~genq_core.storage_s3.S3Storage` per bucket (it satisfies
-:class:`ObjectStore` as it is). Embedded mode: :class:`LocalObjectStore`, a folder per bucket,
-which has no presigned URLs: the routes that hand them out answer 501 there.
+:class:`ObjectStore` as it is). Embedded mode: :class:`LocalObjectStore`, a folder per bucket;
+its download URLs are links signed by the API itself (``services.api.signing``, served by
+``services.api.routers.files``); presigned uploads answer 501 there (upload with multipart).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from genq_core.storage import LocalStorage, check_key
 from genq_core.storage_s3 import ObjectInfo, S3Storage
 from services.api.errors import PresignUnsupported
 from services.api.settings import ApiSettings
+from services.api.signing import LinkSigner
 from services.common.keys import BucketRole
 
 __all__ = ["Buckets", "LocalObjectStore", "ObjectStore", "local_buckets", "s3_buckets"]
@@ -44,9 +46,10 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def presigned_get_url(
-        self, key: str, expires: timedelta, filename: str | None = None
-    ) -> str: ...
+    def presigned_get_url(self, key: str, expires: timedelta, filename: str | None = None) -> str:
+        """A download URL needing no credentials; a path starting with ``/`` is relative to the
+        API's base URL (the embedded mode's signed links)."""
+        ...
 
     def presigned_put_url(self, key: str, expires: timedelta) -> str: ...
 
@@ -86,8 +89,11 @@ def s3_buckets(settings: ApiSettings) -> dict[BucketRole, ObjectStore]:
     }
 
 
-def local_buckets(settings: ApiSettings) -> dict[BucketRole, ObjectStore]:
-    """Embedded mode: a folder per bucket under ``data_dir`` (the workers' layout too)."""
+def local_buckets(
+    settings: ApiSettings, signer: LinkSigner | None = None
+) -> dict[BucketRole, ObjectStore]:
+    """Embedded mode: a folder per bucket under ``data_dir`` (the workers' layout too); with
+    ``signer``, download URLs are links it signs."""
     names = {
         BucketRole.DATA: settings.s3_bucket_data,
         BucketRole.RESULTS: settings.s3_bucket_results,
@@ -97,19 +103,30 @@ def local_buckets(settings: ApiSettings) -> dict[BucketRole, ObjectStore]:
     for role, bucket in names.items():
         local = settings.local_storage(bucket)
         assert isinstance(local, LocalStorage)
-        stores[role] = LocalObjectStore(local)
+        stores[role] = LocalObjectStore(local, role=role, signer=signer)
     return stores
 
 
 class LocalObjectStore:
     """A :class:`~genq_core.storage.LocalStorage` folder as an :class:`ObjectStore`.
 
-    Everything but presigned URLs: there is no server to sign for, so those raise
-    :class:`~services.api.errors.PresignUnsupported` (501).
+    Download URLs are ``/files/<token>`` links signed by ``signer`` for the bucket ``role``
+    (without a signer they raise :class:`~services.api.errors.PresignUnsupported`, 501);
+    presigned uploads always do: upload with a multipart ``POST /v1/uploads``.
     """
 
-    def __init__(self, storage: LocalStorage) -> None:
+    def __init__(
+        self,
+        storage: LocalStorage,
+        *,
+        role: BucketRole | None = None,
+        signer: LinkSigner | None = None,
+    ) -> None:
+        if (role is None) != (signer is None):
+            raise ValueError("a LocalObjectStore signs links with both a role and a signer")
         self._storage = storage
+        self._role = role
+        self._signer = signer
 
     def __repr__(self) -> str:
         return f"LocalObjectStore({self._storage!r})"
@@ -148,10 +165,14 @@ class LocalObjectStore:
         self._storage.delete(key)
 
     def presigned_get_url(self, key: str, expires: timedelta, filename: str | None = None) -> str:
-        raise PresignUnsupported(
-            "download URLs need an S3 server; the embedded mode's local storage has none "
-            "(run with GENQ_MODE=distributed and S3 settings)"
-        )
+        if self._signer is None or self._role is None:
+            raise PresignUnsupported(
+                "download URLs need an S3 server or the embedded service's signed links; this "
+                "local storage has neither"
+            )
+        check_key(key)
+        expires_at = datetime.now(UTC) + expires
+        return self._signer.link(self._role.value, key, expires_at, filename)
 
     def presigned_put_url(self, key: str, expires: timedelta) -> str:
         raise PresignUnsupported(
@@ -166,6 +187,10 @@ class LocalObjectStore:
         if not self._storage.root.is_dir():
             raise OSError(f"storage folder {self._storage.root} is missing")
 
-    def _path(self, key: str) -> Path:
+    def local_path(self, key: str) -> Path:
+        """Where the object ``key`` lives (or would live) on disk; ``ValueError`` on a bad key."""
         check_key(key)
         return self._storage.root / key
+
+    def _path(self, key: str) -> Path:
+        return self.local_path(key)

@@ -116,3 +116,10 @@ def test_corrupt_image_named_and_pickle_refused(
     del args[args.index("--arch") : args.index("--arch") + 2]
     assert main(args) == 2
     assert "--trust-pickle" in capsys.readouterr().err
+
+
+def test_serve_options_of_the_embedded_mode_are_refused_without_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--workers", "2"]) == 2
+    assert "--embedded" in capsys.readouterr().err

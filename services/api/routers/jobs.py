@@ -211,7 +211,7 @@ async def job_events(
     },
 )
 def job_artifacts(
-    job: OwnedJobDep, settings: SettingsDep, buckets: BucketsDep
+    job: OwnedJobDep, request: Request, settings: SettingsDep, buckets: BucketsDep
 ) -> ArtifactsResponse:
     """Every artifact the job wrote (its manifest) with presigned download URLs."""
     # 1. the manifest, written by the worker once the job's outputs are all stored
@@ -231,6 +231,14 @@ def job_artifacts(
     # 2. a download URL per artifact, from the bucket its key belongs to
     expires = timedelta(seconds=settings.presign_expiry_s)
     expires_at = datetime.now(UTC) + expires
+    base = base_url(request, settings)
+
+    def download_url(entry: _ManifestEntry) -> str:
+        url = buckets[keys.bucket_role(entry.key)].presigned_get_url(
+            keys.job_key(job.id, entry.key), expires, filename=PurePosixPath(entry.key).name
+        )
+        return base + url if url.startswith("/") else url  # the embedded mode's own links
+
     artifacts = [
         ArtifactOut(
             name=entry.name or PurePosixPath(entry.key).name,
@@ -239,9 +247,7 @@ def job_artifacts(
             size=entry.size,
             sha256=entry.sha256,
             content_type=entry.content_type,
-            url=buckets[keys.bucket_role(entry.key)].presigned_get_url(
-                keys.job_key(job.id, entry.key), expires, filename=PurePosixPath(entry.key).name
-            ),
+            url=download_url(entry),
         )
         for entry in entries
     ]

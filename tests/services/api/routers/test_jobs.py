@@ -18,14 +18,13 @@ import redis
 from fastapi.testclient import TestClient
 
 from services.api.app import create_app
-from services.api.settings import ApiSettings, hash_api_key
+from services.api.settings import ApiSettings
 from services.api.uploads import UploadKind, UploadStatus, UploadStore
 from services.common.jobs import JobError, JobKind, JobStatus, Stage
 from services.common.jobstore import JobStore
 from services.common.queue import JobQueue
-from services.common.settings import Mode
 from services.common.spec import GenqJobRequest
-from tests.support.api_testing import ACME, BASE_URL, GLOBEX, KEY_ACME, bucket
+from tests.support.api_testing import ACME, BASE_URL, GLOBEX, bucket
 from tests.support.s3_server import S3ServerInfo
 
 GENQ = {"kind": "genq", "model": {"source": "timm", "name": "resnet18"}}
@@ -512,31 +511,6 @@ def test_a_failed_job_without_artifacts_is_a_final_409(api: TestClient, store: J
     assert response.status_code == 409
     assert error_of(response)["retryable"] is False
     assert "failed" in error_of(response)["message"]
-
-
-def test_embedded_mode_has_no_presigned_urls(
-    redis_client: redis.Redis, store: JobStore, tmp_path: Any
-):
-    settings = ApiSettings(
-        mode=Mode.EMBEDDED, data_dir=tmp_path, api_keys=[f"{hash_api_key(KEY_ACME)}=acme"]
-    )
-    with TestClient(create_app(settings, redis=redis_client)) as api:
-        job_id = submitted(api)
-        entry = {"key": "report.json", "size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}
-        results = tmp_path / "storage" / "genq-results" / "jobs" / job_id
-        results.mkdir(parents=True)
-        (results / "artifacts.json").write_text(json.dumps([entry]))
-
-        artifacts = api.get(f"/v1/jobs/{job_id}/artifacts", headers=ACME)
-        presign = api.post(
-            "/v1/uploads/presign",
-            json={"kind": "model", "filename": "m.safetensors", "size": 10},
-            headers=ACME,
-        )
-
-    assert artifacts.status_code == presign.status_code == 501
-    assert error_of(artifacts)["code"] == "not_implemented"
-    assert "S3" in error_of(artifacts)["message"]
 
 
 def test_an_oversized_job_body_is_a_413(api: TestClient):
