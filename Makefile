@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lint test test-all bench-quant example clean
+.PHONY: install lint test test-all bench-quant example demo clean
 
 install:
 	scripts/install.sh
@@ -25,6 +25,10 @@ bench-quant: install
 example: install
 	$(BIN)/python -m genq_core.generate.tiny runs/tiny-sd
 	$(BIN)/genq run examples/fashion_tiny.yaml --out runs/fashion-tiny
+
+# The product's main job on the embedded service (genq serve --embedded): see scripts/demo.sh
+demo: install
+	scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -298,9 +298,14 @@ class GenQClient:
             on_update(job)
         if job["status"] in TERMINAL_STATUSES:
             return job
-        # 2. follow its events until the terminal one
+        # 2. follow its events until the terminal one (the stream starts at the job's first
+        #    event: those older than the record just read are already in it)
+        seen_until = _timestamp(job.get("updated_at"))
         try:
             for event in self._follow(job_id, None, deadline, timeout):
+                at = _timestamp(event.get("at"))
+                if seen_until is not None and at is not None and at < seen_until:
+                    continue
                 if on_update is not None:
                     on_update(event)
             return self.get(job_id)
@@ -756,6 +761,16 @@ def _matches(path: Path, size: int, sha256: str) -> bool:
         for block in iter(lambda: handle.read(_CHUNK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest() == sha256
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """An ISO-8601 time from the API (``None`` if absent or not one)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _redact(url: httpx.URL) -> str:

@@ -391,6 +391,35 @@ def test_wait_follows_events_and_returns_the_final_job() -> None:
     assert updates[2]["progress"]["images_generated"] == 4
 
 
+def test_wait_skips_replayed_events_older_than_the_job_it_read_first() -> None:
+    at = "2025-01-01T00:00:{:02d}Z".format
+    events = [
+        {**event(1, "created", "queued"), "at": at(0)},
+        {**event(2, "transition", "running"), "at": at(1)},
+        {**event(3, "progress", "running", "generating"), "at": at(5)},
+        {**event(4, "transition", "succeeded", "generating"), "at": at(9)},
+    ]
+    server = Recorder(
+        {
+            ("GET", f"/v1/jobs/{JOB}"): [
+                httpx.Response(200, json=job("running", stage="generating", updated_at=at(5))),
+                httpx.Response(200, json=job("succeeded")),
+            ],
+            ("GET", f"/v1/jobs/{JOB}/events"): [
+                httpx.Response(
+                    200, content=sse(*events), headers={"content-type": "text/event-stream"}
+                )
+            ],
+        }
+    )
+    updates: list[dict[str, Any]] = []
+    with make_client(server) as client:
+        client.wait(JOB, on_update=updates.append)
+
+    # the record, then only what is not older than it: no "queued" after "running"
+    assert [u["status"] for u in updates] == ["running", "running", "succeeded"]
+
+
 def test_wait_polls_when_the_event_stream_is_unavailable() -> None:
     records = [job("queued"), job("running", updated_at="t2"), job("running", updated_at="t2")]
     records.append(job("failed", updated_at="t3"))
