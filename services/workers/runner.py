@@ -463,7 +463,9 @@ def _upload(run: _JobRun) -> tuple[list[str], dict[str, Any]]:
         source = checkpoints[Stage.QUANTIZING]["source"]
     quantizing = checkpoints.get(Stage.QUANTIZING)
     calibration = (quantizing or filtering or {})["calibration"]
-    evaluation = checkpoints.get(Stage.EVALUATING, {}).get("evaluation", {})
+    evaluation = _public_evaluation(
+        run, checkpoints.get(Stage.EVALUATING, {}).get("evaluation", {})
+    )
     timings = {"load": run.load_seconds}
     for checkpoint in checkpoints.values():
         timings.update(checkpoint.get("timings", {}))
@@ -673,6 +675,17 @@ class _CancelPoll:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _public_evaluation(run: _JobRun, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation as users see it: an uploaded evaluation set is named by its upload id, not
+    by the folder this worker unpacked it into."""
+    request = run.resolved.request
+    upload_id = request.evaluation.eval_upload_id if hasattr(request, "evaluation") else None
+    eval_dir = run.config.evaluation.eval_dir
+    if upload_id is None or eval_dir is None or "on" not in evaluation:
+        return evaluation
+    return {**evaluation, "on": evaluation["on"].replace(str(eval_dir), f"upload {upload_id}")}
 
 
 @contextmanager

@@ -220,13 +220,21 @@ def test_quantize_job_on_an_uploaded_image_set(services: Services, tmp_path: Pat
         zipped.writestr("__MACOSX/bag/._0.png", b"resource fork")
     uploads = services.storages[BucketRole.UPLOADS]
     uploads.put_bytes(f"{upload_prefix('acme', 'calib1')}/images.zip", archive.getvalue())
-    body = genq_body(kind="quantize", calibration={"upload_id": "calib1"})
+    body = genq_body(
+        kind="quantize",
+        calibration={"upload_id": "calib1"},
+        evaluation={"eval_upload_id": "calib1"},  # the same labelled folders, as evaluation set
+    )
     job, token = start(services, "acme", body)
-    run(services, job, token)
+    result = run(services, job, token)
     storage = JobStorage(job.id, services.storages)
     report = json.loads(storage.get_bytes("report.json"))
     assert report["source"]["name"] == "real" and report["source"]["made"] == 6
     assert storage.exists("calibration/images.safetensors")
+    # the evaluation set is named by its upload, not by the worker's cache folder
+    assert report["evaluation"]["on"] == "6 labelled images from upload calib1"
+    assert result["evaluation"]["on"] == report["evaluation"]["on"]
+    assert 0.0 <= report["evaluation"]["quantized"]["top1"] <= 100.0
 
 
 def test_resume_after_failures_skips_finished_stages(services: Services) -> None:
