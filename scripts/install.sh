@@ -8,9 +8,10 @@ VENV="${GENQ_VENV:-.venv}"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
-# 1. system packages: Fashion-MNIST (the reference benchmark's real data) and Redis (the
-#    service's job store, started by the integration tests)
-APT_PACKAGES=(dataset-fashion-mnist redis-server)
+# 1. system packages: Fashion-MNIST (the reference benchmark's real data), Redis (the
+#    service's job store, started by the integration tests) and docker-compose (validates
+#    docker-compose.yml offline; no engine runs here)
+APT_PACKAGES=(dataset-fashion-mnist redis-server docker-compose)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -50,27 +50,67 @@ class ApiSettings(StoreSettings):
     )
 
     # -- per-job limits (services.common.spec.Limits) ------------------------------------------
-    max_images_per_job: int = Field(default=_DEFAULT_LIMITS.max_images_per_job, ge=1)
-    max_calibration_images: int = Field(default=_DEFAULT_LIMITS.max_calibration_images, ge=1)
-    max_generation_steps: int = Field(default=_DEFAULT_LIMITS.max_generation_steps, ge=1)
-    max_resolution: int = Field(default=_DEFAULT_LIMITS.max_resolution, ge=8)
-    max_iters: int = Field(default=_DEFAULT_LIMITS.max_iters, ge=1)
-    max_inversion_steps: int = Field(default=_DEFAULT_LIMITS.max_inversion_steps, ge=1)
-    min_bits: int = Field(default=_DEFAULT_LIMITS.min_bits, ge=2, le=8)
-    max_bits: int = Field(default=_DEFAULT_LIMITS.max_bits, ge=2, le=8)
+    max_images_per_job: int = Field(
+        default=_DEFAULT_LIMITS.max_images_per_job,
+        ge=1,
+        description="most images one job may generate (per class x classes)",
+    )
+    max_calibration_images: int = Field(
+        default=_DEFAULT_LIMITS.max_calibration_images,
+        ge=1,
+        description="most calibration images per job",
+    )
+    max_generation_steps: int = Field(
+        default=_DEFAULT_LIMITS.max_generation_steps,
+        ge=1,
+        description="most denoising steps per image",
+    )
+    max_resolution: int = Field(
+        default=_DEFAULT_LIMITS.max_resolution,
+        ge=8,
+        description="largest generated image side, pixels",
+    )
+    max_iters: int = Field(
+        default=_DEFAULT_LIMITS.max_iters, ge=1, description="most reconstruction steps per block"
+    )
+    max_inversion_steps: int = Field(
+        default=_DEFAULT_LIMITS.max_inversion_steps,
+        ge=1,
+        description="most textual-inversion steps",
+    )
+    min_bits: int = Field(
+        default=_DEFAULT_LIMITS.min_bits,
+        ge=2,
+        le=8,
+        description="fewest weight/activation bits a job may ask for",
+    )
+    max_bits: int = Field(
+        default=_DEFAULT_LIMITS.max_bits,
+        ge=2,
+        le=8,
+        description="most weight/activation bits a job may ask for",
+    )
 
     # -- queue ------------------------------------------------------------------------------------
     max_queue_depth: int = Field(default=1000, ge=1, description="jobs waiting or running")
-    queue_full_retry_after_s: int = Field(default=30, ge=1)
+    queue_full_retry_after_s: int = Field(
+        default=30, ge=1, description="Retry-After of a 429 when the queue is full"
+    )
 
     # -- uploads and request bodies -------------------------------------------------------------
     max_request_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="a JSON request body (uploads have their own)"
     )
-    max_upload_bytes_model: int = Field(default=2 * _GIB, ge=1)
-    max_upload_bytes_calibration: int = Field(default=2 * _GIB, ge=1)
-    max_upload_bytes_kshot: int = Field(default=256 * _MIB, ge=1)
-    max_upload_bytes_eval: int = Field(default=2 * _GIB, ge=1)
+    max_upload_bytes_model: int = Field(default=2 * _GIB, ge=1, description="largest model upload")
+    max_upload_bytes_calibration: int = Field(
+        default=2 * _GIB, ge=1, description="largest calibration-set upload"
+    )
+    max_upload_bytes_kshot: int = Field(
+        default=256 * _MIB, ge=1, description="largest k-shot image upload (data-scarce mode)"
+    )
+    max_upload_bytes_eval: int = Field(
+        default=2 * _GIB, ge=1, description="largest evaluation-set upload"
+    )
     max_archive_files: int = Field(default=50_000, ge=1, description="entries in one archive")
     max_archive_bytes: int = Field(
         default=8 * _GIB, ge=1, description="uncompressed bytes in one archive (zip bombs)"
@@ -82,7 +122,12 @@ class ApiSettings(StoreSettings):
     )
 
     # -- URLs ---------------------------------------------------------------------------------
-    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    presign_expiry_s: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="how long download and upload URLs stay valid",
+    )
     public_base_url: str | None = Field(
         default=None,
         pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
@@ -91,14 +136,22 @@ class ApiSettings(StoreSettings):
     )
 
     # -- clients ------------------------------------------------------------------------------
-    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
-    redis_connect_timeout_s: float = Field(default=3.0, gt=0)
+    redis_socket_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest wait for a Redis reply"
+    )
+    redis_connect_timeout_s: float = Field(
+        default=3.0, gt=0, description="longest wait to connect to Redis"
+    )
     redis_retries: int = Field(
         default=1, ge=0, description="retries of a Redis command after a connection error"
     )
-    s3_connect_timeout_s: float = Field(default=3.0, gt=0)
-    s3_read_timeout_s: float = Field(default=60.0, gt=0)
-    s3_max_retries: int = Field(default=2, ge=0)
+    s3_connect_timeout_s: float = Field(
+        default=3.0, gt=0, description="longest wait to connect to S3"
+    )
+    s3_read_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for an S3 reply")
+    s3_max_retries: int = Field(
+        default=2, ge=0, description="retries of an S3 request after a connection error"
+    )
     events_block_ms: int = Field(
         default=5000, ge=1, description="one blocking read of a job's event stream"
     )

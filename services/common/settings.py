@@ -46,22 +46,38 @@ class StoreSettings(BaseSettings):
     manifests (kept), ``s3_bucket_uploads`` holds what users upload.
     """
 
-    model_config = SettingsConfigDict(env_prefix="GENQ_", env_file=None, extra="ignore")
+    # an empty variable is unset (compose files pass `${VAR:-}` through as "")
+    model_config = SettingsConfigDict(
+        env_prefix="GENQ_", env_file=None, extra="ignore", env_ignore_empty=True
+    )
 
-    mode: Mode = Mode.EMBEDDED
+    mode: Mode = Field(
+        default=Mode.EMBEDDED, description="embedded (one process, local folders) or distributed"
+    )
     redis_url: str | None = Field(default=None, description="redis://host:port/db")
-    redis_prefix: str = Field(default="genq", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    redis_prefix: str = Field(
+        default="genq",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="prefix of every Redis key (several deployments can share one Redis)",
+    )
     s3_endpoint: str | None = Field(default=None, description="host:port the services reach")
     s3_public_endpoint: str | None = Field(
         default=None, description="host:port users reach; presigned URLs are signed for it"
     )
-    s3_access_key: SecretStr | None = None
-    s3_secret_key: SecretStr | None = None
-    s3_secure: bool = False
-    s3_region: str = "us-east-1"
-    s3_bucket_data: str = "genq-data"
-    s3_bucket_results: str = "genq-results"
-    s3_bucket_uploads: str = "genq-uploads"
+    s3_access_key: SecretStr | None = Field(default=None, description="S3 access key (secret)")
+    s3_secret_key: SecretStr | None = Field(default=None, description="S3 secret key (secret)")
+    s3_secure: bool = Field(default=False, description="HTTPS to the S3 endpoint")
+    s3_region: str = Field(default="us-east-1", description="region presigned URLs are signed for")
+    s3_bucket_data: str = Field(
+        default="genq-data",
+        description="synthetic datasets, calibration sets, learned tokens (may expire)",
+    )
+    s3_bucket_results: str = Field(
+        default="genq-results", description="quantized models, reports, manifests (kept)"
+    )
+    s3_bucket_uploads: str = Field(
+        default="genq-uploads", description="what users upload (models, image sets)"
+    )
     data_dir: Path = Field(
         default=Path("runs/service"), description="embedded mode: storage and job store folder"
     )

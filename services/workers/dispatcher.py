@@ -90,8 +90,12 @@ class DispatcherSettings(WorkerSettings):
     max_deliveries: int = Field(
         default=3, ge=1, description="deliveries of one message before it is a dead letter"
     )
-    retry_backoff_base_s: float = Field(default=5.0, gt=0.0)
-    retry_backoff_max_s: float = Field(default=600.0, gt=0.0)
+    retry_backoff_base_s: float = Field(
+        default=5.0, gt=0.0, description="first retry of a failed job waits about this long"
+    )
+    retry_backoff_max_s: float = Field(
+        default=600.0, gt=0.0, description="longest wait between retries (doubling from the base)"
+    )
     sweep_every_s: float = Field(
         default=30.0, gt=0.0, description="how often dead letters and lost enqueues are swept"
     )
