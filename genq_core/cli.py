@@ -275,6 +275,51 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def stack_command(args: argparse.Namespace) -> int:
+    """``genq stack up | down | status | env``: the distributed topology as local processes."""
+    try:
+        from services.stack import LocalStack, StackError, describe
+    except ImportError as err:
+        raise ValueError(
+            f"genq stack needs the service's packages ({err}); install the 'api' and 'worker' "
+            "extras"
+        ) from None
+    stack = LocalStack(
+        Path(args.dir),
+        workers=args.workers,
+        worker_cpus=args.worker_cpus,
+        api_port=args.api_port,
+    )
+    try:
+        if args.action == "up":
+            print(f"starting the stack in {stack.folder} (logs in {stack.folder / 'logs'}) ...")
+            state = stack.up()
+            for name, url in state.urls.items():
+                print(f"  {name}: {url}")
+            print(f"use it: source {stack.folder / 'stack.env'}   (GENQ_SERVER, GENQ_API_KEY)")
+        elif args.action == "down":
+            stopped = stack.down()
+            print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        elif args.action == "env":
+            for name, value in stack.env().items():
+                print(f"export {name}={shlex.quote(value)}")
+        else:
+            rows = describe(stack)
+            if not rows:
+                print(f"no stack in {stack.folder}")
+            for row in rows:
+                state_text = "running" if row["running"] else "stopped"
+                port = f":{row['port']}" if row["port"] else ""
+                print(
+                    f"{row['name']:<14} {state_text:<8} pid {row['pid']:<8} {port:<7} {row['log']}"
+                )
+            return 0 if rows and all(row["running"] for row in rows) else EXIT_FAILURE
+    except StackError as err:
+        print(f"genq: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
 def submit_command(args: argparse.Namespace, client: GenQClient) -> int:
     """``genq submit``: send a job request (YAML or JSON) and print its id; ``--wait`` follows it."""
     # 1. the request, checked to be a mapping before anything is sent
@@ -520,6 +565,20 @@ def _parser() -> argparse.ArgumentParser:
         choices=("critical", "error", "warning", "info", "debug"),
         help="server log level (default info)",
     )
+
+    sk = commands.add_parser(
+        "stack",
+        help="run the distributed topology as local processes",
+        description="up: start redis-server, an S3 server, a Ray head and worker nodes, the "
+        "dispatcher and the API on this machine (logs, PIDs and data in --dir); down: stop "
+        "exactly those; status: which run (exit 1 unless all do); env: the client settings.",
+    )
+    sk.set_defaults(handler=stack_command)
+    sk.add_argument("action", choices=("up", "down", "status", "env"))
+    sk.add_argument("--dir", default="runs/stack", help="the stack's folder (runs/stack)")
+    sk.add_argument("--workers", type=_positive_int, default=1, help="Ray worker nodes (1)")
+    sk.add_argument("--worker-cpus", type=_positive_int, default=1, help="CPUs per worker node (1)")
+    sk.add_argument("--api-port", type=_positive_int, help="the API's port (default: a free one)")
 
     # ---- against a server ----
     server = _server_options()

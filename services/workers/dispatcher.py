@@ -495,7 +495,16 @@ class Dispatcher:
     def _start(self, message: QueueMessage) -> None:
         """A new attempt for a delivered message (dropped if the job can't run any more)."""
         log = _JobLog(logger, {"job_id": message.job_id})
-        if message.job_id in self._jobs:  # a duplicate message (a lost enqueue raced the API)
+        held = self._jobs.get(message.job_id)
+        if held is not None and held.message.id == message.id:
+            # its own message, reclaimed by itself after heartbeats came late (a stalled step):
+            # it still holds the job; acking here would lose it at the next heartbeat
+            held.message = message
+            held.log.warning(
+                "took its own message back after a late heartbeat (delivery %d)", message.deliveries
+            )
+            return
+        if held is not None:  # a duplicate message (a lost enqueue raced the API)
             self._queue.ack(message)
             log.warning("dropped a second message for a job this dispatcher runs")
             return

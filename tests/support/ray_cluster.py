@@ -113,7 +113,7 @@ def ray_cluster(
         ]
         processes.append(_start_node(head, root, env, "head"))
         _wait_for_nodes(address, 1, processes, root, env, start_timeout)
-        # 2. the worker nodes, all at once; each joins the head on its own
+        # 2. the worker nodes, one at a time (several joining at once time out on 2 cores)
         for index, node in enumerate(workers):
             args = [f"--address={_loopback_name()}:{port}", f"--num-cpus={node.num_cpus}"]
             if node.resources:
@@ -122,7 +122,7 @@ def ray_cluster(
             # multi-node clusters"); see the module docstring
             joining = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
             processes.append(_start_node(args, root, joining, f"worker-{index}"))
-        _wait_for_nodes(address, 1 + len(workers), processes, root, env, start_timeout)
+            _wait_for_nodes(address, 2 + index, processes, root, env, start_timeout)
         yield RayClusterInfo(
             address=address, temp_dir=root, pids=tuple(process.pid for process in processes)
         )

@@ -274,6 +274,23 @@ def test_cancel_of_a_running_job_ends_it_canceled(env: Env) -> None:
     assert env.queue.depth() == 0
 
 
+def test_a_dispatcher_that_stalls_past_the_reclaim_time_keeps_its_job(env: Env) -> None:
+    job_id = env.submit("stall", genq_body(seed=16))
+    with env.pool(2) as pool:
+        dispatcher = env.dispatcher(pool, "d1")
+        drive([dispatcher], lambda: env.job(job_id).stage == Stage.GENERATING)
+        # its step stalls past reclaim_idle_ms between its heartbeat and its reclaim (a loaded
+        # machine): the reclaim hands it its own message back, and it must keep the job
+        time.sleep(env.settings.reclaim_idle_ms / 1000 + 0.3)
+        dispatcher._next_reclaim = 0.0  # due now
+        dispatcher._take_work(block=False)
+        assert dispatcher.job_ids == [job_id]
+        drive([dispatcher], finished(env, job_id))
+    record = env.job(job_id)
+    assert record.status == JobStatus.SUCCEEDED and record.attempt == 1
+    assert env.queue.depth() == 0
+
+
 def test_dead_letters_fail_their_job(env: Env) -> None:
     settings = env.settings.model_copy(update={"max_deliveries": 1, "reclaim_idle_ms": 300})
     env.queue = settings.make_queue(env.services.redis)
