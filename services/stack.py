@@ -39,7 +39,15 @@ from typing import Any
 
 from services.api.settings import hash_api_key
 
-__all__ = ["ComponentState", "LocalStack", "StackError", "StackState", "describe"]
+__all__ = [
+    "ComponentState",
+    "LocalStack",
+    "StackError",
+    "StackState",
+    "describe",
+    "kill_processes_naming",
+    "loopback_name",
+]
 
 STATE_FILE = "stack.json"
 ENV_FILE = "stack.env"
@@ -248,7 +256,7 @@ class LocalStack:
             self._start(
                 state,
                 f"ray-worker-{index}",
-                [ray, "start", f"--address={_loopback_name()}:{head_port}",
+                [ray, "start", f"--address={loopback_name()}:{head_port}",
                  f"--num-cpus={self.worker_cpus}", *node_args()],
                 env=joining,
                 ready=self._ray_nodes(ray_address, index + 2, ray_env),
@@ -394,7 +402,7 @@ class LocalStack:
                 _terminate(component.pid, timeout_s=30.0 if "ray" in component.name else 10.0)
                 stopped.append(component.name)
         if state.ray_temp_dir:  # whatever of Ray outlived its `ray start --block`
-            _kill_processes_naming(state.ray_temp_dir)
+            kill_processes_naming(state.ray_temp_dir)
             shutil.rmtree(state.ray_temp_dir, ignore_errors=True)
         return stopped
 
@@ -470,7 +478,8 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def _kill_processes_naming(marker: str) -> None:
+def kill_processes_naming(marker: str) -> None:
+    """SIGKILL every process (but this one) whose command line contains ``marker``."""
     own = os.getpid()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == own:
@@ -484,7 +493,7 @@ def _kill_processes_naming(marker: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-def _loopback_name() -> str:
+def loopback_name() -> str:
     """A name of 127.0.0.1 that a joining Ray node does not rewrite (the host name, or 127.1)."""
     name = socket.gethostname()
     try:

@@ -16,13 +16,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from genq_core.client import GenQClient, GenQError
 from services.api.settings import hash_api_key
+from tests.services.workers.test_runner import genq_body
 from tests.support.processes import start_on_free_port, start_process, stop_process, wait_until
 from tests.support.ray_cluster import RAY_ENV, ray_cluster
 from tests.support.redis_server import redis_server
@@ -31,14 +31,7 @@ from tests.support.s3_server import s3_server
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY_ACME, KEY_GLOBEX = "acme-e2e-key", "globex-e2e-key"
 
-TINY_JOB: dict[str, Any] = {
-    "kind": "genq",
-    "model": {"source": "builtin", "name": "fashion-bn-cnn"},
-    "generator": {"source": "builtin", "name": "tiny"},
-    "generation": {"num_per_class": 4, "steps": 2, "batch_size": 8},
-    "filters": {"energy_keep": 0.75, "distribution_keep": 0.6},
-    "quant": {"preset": "qdrop", "iters": 2},
-}
+TINY_JOB = genq_body()
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,13 @@ from services.common.jobstore import JobStore
 from services.common.queue import JobQueue
 from services.common.spec import GenqJobRequest, generation_fingerprint
 from services.embedded import API_KEY_FILE, SNAPSHOT_FILE, EmbeddedService, ensure_api_key
+from tests.services.workers.test_runner import genq_body
 from tests.support.processes import start_on_free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS = REPO_ROOT / "benchmarks" / "assets"
 
-TINY_JOB: dict[str, Any] = {
-    "kind": "genq",
-    "model": {"source": "builtin", "name": "fashion-bn-cnn"},
-    "generator": {"source": "builtin", "name": "tiny"},
-    "generation": {"num_per_class": 4, "steps": 2, "batch_size": 8},
-    "filters": {"energy_keep": 0.75, "distribution_keep": 0.6},
-    "quant": {"preset": "qdrop", "iters": 2},
-}
+TINY_JOB = genq_body()
 
 
 def _answers(port: int) -> bool:

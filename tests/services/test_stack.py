@@ -14,17 +14,11 @@ import pytest
 
 from genq_core.client import GenQClient
 from services.stack import STATE_FILE, ComponentState, LocalStack, StackError, StackState
+from tests.services.workers.test_runner import genq_body
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENQ = str(Path(sys.executable).parent / "genq")
-TINY_JOB = {
-    "kind": "genq",
-    "model": {"source": "builtin", "name": "fashion-bn-cnn"},
-    "generator": {"source": "builtin", "name": "tiny"},
-    "generation": {"num_per_class": 4, "steps": 2, "batch_size": 8},
-    "filters": {"energy_keep": 0.75, "distribution_keep": 0.6},
-    "quant": {"preset": "qdrop", "iters": 2},
-}
+TINY_JOB = genq_body()
 
 
 def genq_stack(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:

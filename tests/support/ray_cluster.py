@@ -17,7 +17,7 @@ Ray needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (else it binds a non-loopback 
 are not supported"), so worker nodes run with it at 1, which has two effects in Ray 2.60: they
 rewrite ``127.0.0.1`` in ``--address`` and ``--node-ip-address`` to the machine's outward
 address (so ``--address`` names the head by another name of 127.0.0.1, see
-:func:`_loopback_name`), and they register and listen on that address (their raylet and agents
+:func:`services.stack.loopback_name`), and they register and listen on that address (their raylet and agents
 also listen on all interfaces). The head's GCS stays on loopback.
 """
 
@@ -26,16 +26,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.stack import kill_processes_naming, loopback_name
 from tests.support.processes import free_port, log_tail, start_process, stop_process, wait_until
 
 __all__ = [
@@ -115,7 +114,7 @@ def ray_cluster(
         _wait_for_nodes(address, 1, processes, root, env, start_timeout)
         # 2. the worker nodes, one at a time (several joining at once time out on 2 cores)
         for index, node in enumerate(workers):
-            args = [f"--address={_loopback_name()}:{port}", f"--num-cpus={node.num_cpus}"]
+            args = [f"--address={loopback_name()}:{port}", f"--num-cpus={node.num_cpus}"]
             if node.resources:
                 args.append(f"--resources={json.dumps(dict(node.resources))}")
             # a worker node refuses to join with the variable at 0 (it reads it as "no
@@ -136,18 +135,7 @@ def ray_cluster(
 
 def kill_processes_under(root: Path) -> None:
     """Kill, by PID, processes whose command line names this cluster's folder (ours only)."""
-    marker = str(root)
-    own = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == own:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            with suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    kill_processes_naming(str(root))
 
 
 @contextmanager
@@ -230,20 +218,3 @@ def _wait_for_nodes(
             )
     finally:
         stop_process(prober)
-
-
-def _loopback_name() -> str:
-    """A name of this machine's loopback address that Ray does not rewrite.
-
-    A joining node with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` replaces ``127.0.0.1`` and
-    ``localhost`` in ``--address`` by the machine's outward address, where the head (bound to
-    loopback) does not listen. Another name for 127.0.0.1 passes unchanged: the host name when
-    it resolves there (``/etc/hosts``), else ``127.1`` (the same address, written short).
-    """
-    name = socket.gethostname()
-    try:
-        if socket.gethostbyname(name) == "127.0.0.1":
-            return name
-    except OSError:
-        pass
-    return "127.1"
