@@ -247,7 +247,10 @@ def serve_command(args: argparse.Namespace) -> int:
             "extras: pip install -e '.[api,worker]'"
         ) from None
     log_level = "debug" if args.verbose else args.log_level
-    logging.getLogger().setLevel(log_level.upper())
+    from services.common.logs import configure_logging
+
+    json_lines = (args.log_format or ("text" if args.embedded else "json")) == "json"
+    configure_logging(log_level, json_lines=json_lines)
     if args.embedded:
         data_dir = Path(args.data_dir or os.environ.get("GENQ_DATA_DIR") or "runs/service")
         serve(
@@ -271,6 +274,10 @@ def serve_command(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             log_level=log_level,
+            # uvicorn logs through the root handler above; the API's own access lines (with the
+            # request id, tenant and job id) replace uvicorn's
+            log_config=None,
+            access_log=False,
         )
     return 0
 
@@ -559,6 +566,11 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_positive_int, default=1, help="embedded: in-process workers (1)"
     )
     sv.add_argument("--threads", type=_positive_int, help="embedded: torch CPU threads")
+    sv.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        help="json lines with the job and request ids (default), or text (default embedded)",
+    )
     sv.add_argument(
         "--log-level",
         default="info",

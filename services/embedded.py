@@ -173,7 +173,9 @@ def serve(
     threads: int | None = None,
     log_level: str = "info",
 ) -> None:
-    """Run the embedded service until Ctrl-C or SIGTERM (uvicorn handles both)."""
+    """Run the embedded service until Ctrl-C or SIGTERM (uvicorn handles both). Logging is the
+    caller's (``services.common.logs``): uvicorn logs through the root logger, and the API writes
+    one access line per request."""
     import uvicorn
 
     worker: dict[str, Any] = {} if threads is None else {"threads": threads}
@@ -193,7 +195,9 @@ def serve(
         # is saved before the process exits
         previous = signal.signal(signal.SIGTERM, _raise_stop)
         try:
-            uvicorn.run(app, host=host, port=port, log_level=log_level)
+            uvicorn.run(
+                app, host=host, port=port, log_level=log_level, log_config=None, access_log=False
+            )
         except (_Stop, KeyboardInterrupt):
             pass
         finally:

@@ -70,6 +70,7 @@ BucketsDep = Annotated[Buckets, Depends(_buckets)]
 
 
 async def _tenant(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
@@ -93,6 +94,7 @@ async def _tenant(
         raise Unauthenticated(
             "invalid API key", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
         )
+    request.state.tenant = tenant  # for the request's log line
     return tenant
 
 

@@ -9,7 +9,12 @@ Exposed on ``GET /metrics`` (Prometheus text format):
 - ``genq_queue_depth``: jobs waiting, in flight or delayed for a retry (``JobQueue.depth()``).
 - ``genq_stage_duration_seconds{stage}`` (summary: ``_sum`` and ``_count``): time spent in each
   job stage, summed over every job.
-- ``genq_store_up``: 1 if Redis answered this scrape, else 0 (and the three above are left out).
+- ``genq_images_generated_total`` and ``genq_generation_seconds_total`` (counters): images the
+  workers' generation shards made and the seconds they took; ``rate()`` of the first over
+  ``rate()`` of the second is the generation throughput in images per second.
+- ``genq_worker_gpu_memory_peak_bytes{node}``: the most GPU memory a worker allocated on each Ray
+  node (CUDA workers only). The worker metrics' Redis layout: ``services.common.worker_metrics``.
+- ``genq_store_up``: 1 if Redis answered this scrape, else 0 (and the others are left out).
 
 The job gauges are read at scrape time, so every API replica reports the same cluster-wide values.
 
@@ -29,13 +34,19 @@ import logging
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
 from services.common.jobstore import JobStore
 from services.common.queue import JobQueue
+from services.common.worker_metrics import gpu_peak_key, worker_metrics_key
 
 __all__ = ["ApiMetrics", "stage_seconds_key"]
 
@@ -104,6 +115,8 @@ class _JobsCollector(Collector):
             counts = store.counts_by_status()
             depth = queue.depth()
             stage_fields = redis.hgetall(stage_seconds_key(prefix))
+            worker_fields = _decoded(redis.hgetall(worker_metrics_key(prefix)))
+            gpu_fields = _decoded(redis.hgetall(gpu_peak_key(prefix)))
         except RedisError as err:
             log.warning("metrics: Redis did not answer: %s", err)
             up.add_metric([], 0)
@@ -119,6 +132,37 @@ class _JobsCollector(Collector):
             "genq_queue_depth", "Jobs waiting, in flight or delayed for a retry", value=depth
         )
         yield _stage_durations(stage_fields)
+        yield from _worker_metrics(worker_fields, gpu_fields)
+
+
+def _decoded(raw: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+
+
+def _worker_metrics(worker: dict[str, str], gpu: dict[str, str]) -> Iterator[Metric]:
+    for field, name, text in (
+        ("images_generated", "genq_images_generated", "Images made by generation shards"),
+        ("generation_seconds", "genq_generation_seconds", "Seconds generation shards took"),
+    ):
+        try:
+            value = float(worker.get(field, 0))
+        except ValueError:
+            continue
+        yield CounterMetricFamily(name, text, value=value)
+    peaks = GaugeMetricFamily(
+        "genq_worker_gpu_memory_peak_bytes",
+        "Most GPU memory a worker allocated on the node",
+        labels=["node"],
+    )
+    for node, peak in sorted(gpu.items()):
+        try:
+            peaks.add_metric([node], float(peak))
+        except ValueError:
+            continue
+    yield peaks
 
 
 def _stage_durations(raw: dict[bytes | str, bytes | str]) -> SummaryMetricFamily:

@@ -6,6 +6,7 @@ streaming requests and responses (uploads, server-sent events).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -18,6 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.api.metrics import ApiMetrics
 
 __all__ = ["BodyLimitMiddleware", "RequestContextMiddleware"]
+
+access_log = logging.getLogger("genq.api.access")
+"""One line per request: method, route template, status, duration, request id, tenant, job id."""
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -51,8 +55,25 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.observe(
-                scope["method"], _route_template(scope), status, time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            route = _route_template(scope)
+            self.metrics.observe(scope["method"], route, status, seconds)
+            state = scope.get("state", {})
+            job_id = scope.get("path_params", {}).get("job_id") or state.get("job_id")
+            access_log.info(
+                "%s %s %d",
+                scope["method"],
+                route,
+                status,
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                    "tenant": state.get("tenant"),
+                    "job_id": job_id,
+                },
             )
 
 

@@ -14,20 +14,16 @@ requeues the rest. Logs are JSON lines with the job id, attempt, shard and node 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
 
 from redis import Redis
 
 from services.common.jobstore import JobStore
+from services.common.logs import configure_logging
 from services.workers.dispatcher import Dispatcher, DispatcherSettings, InlinePool, WorkerPool
-
-_LOG_FIELDS = ("job_id", "attempt", "shard", "node_id", "actor", "call")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.check()
     if not settings.redis_url:
         parser.error("the dispatcher needs the job store: set GENQ_REDIS_URL")
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
 
     # 2. the job store and the queue
     redis = Redis.from_url(
@@ -87,31 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ray.shutdown()
         redis.close()
     return 0
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the job fields the dispatcher and workers attach."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name in _LOG_FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
-                line[name] = value
-        if record.exc_info:
-            line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import ray
 import torch
 from redis import Redis
+from redis.exceptions import RedisError
 
 from genq_core.classifier import LoadedClassifier
 from genq_core.inversion import apply_tokens
@@ -40,6 +41,8 @@ from genq_core.pipeline import TOKENS_KEY, generation_specs
 from genq_core.progress import Canceled, ProgressFn
 from services.common.jobs import InvalidTransition, JobError, Stage, is_job_id
 from services.common.jobstore import JobNotFound, JobStore, StaleAttempt
+from services.common.logs import configure_logging
+from services.common.worker_metrics import record_generation, record_gpu_peak
 from services.workers import runner
 from services.workers.checkpoints import dataset_is_complete, read_checkpoint
 from services.workers.models import LOADING, WarmModels
@@ -152,10 +155,9 @@ class GenQWorker:
 
     def run_job(self, job_id: str, token: int) -> Outcome:
         """Run the job's remaining stages (``value``: the job's result for ``store.finish``)."""
-        return self._call(
-            job_id,
-            token,
-            lambda: runner.run_job(
+
+        def run() -> dict[str, Any]:
+            result = runner.run_job(
                 job_id,
                 token,
                 self._store,
@@ -164,8 +166,11 @@ class GenQWorker:
                 redis=self._redis,
                 models=self._models,
                 on_progress=self._observer,
-            ),
-        )
+            )
+            self._record_metrics()
+            return result
+
+        return self._call(job_id, token, run)
 
     def close(self) -> None:
         """Drop the warm models and close the Redis client."""
@@ -242,20 +247,30 @@ class GenQWorker:
                 token,
                 self.settings.cancel_poll_s,
             )
+            generator = self._generator(resolved, storage, token)
+            clock = time.perf_counter()
             try:
                 result = generate_shard(
-                    self._generator(resolved, storage, token),
-                    shard,
-                    specs,
-                    config.generation,
-                    storage,
-                    should_stop=should_stop,
+                    generator, shard, specs, config.generation, storage, should_stop=should_stop
                 )
             except Canceled:
                 if should_stop.lost:
                     raise StaleAttempt(job_id, token, should_stop.current) from None
                 raise
+            self._record_metrics(len(result.records), time.perf_counter() - clock)
         return {"node_id": self.node_id(), "images": len(result.records), "shard": shard_index}
+
+    def _record_metrics(self, images: int = 0, seconds: float = 0.0) -> None:
+        """A shard's throughput and, on a GPU, this node's peak memory so far (``/metrics``)."""
+        prefix = self.settings.redis_prefix
+        try:
+            if images:
+                record_generation(self._redis, prefix, images, seconds)
+            if self.settings.device == "cuda" and torch.cuda.is_available():
+                peak = torch.cuda.max_memory_allocated()
+                record_gpu_peak(self._redis, prefix, self.node_id(), peak)
+        except RedisError as err:  # metrics never fail a shard
+            logger.warning("could not record worker metrics: %s", err)
 
     def _resolve(self, job_id: str) -> ResolvedJob:
         job = self._store.get(job_id)
@@ -322,7 +337,16 @@ class GenQWorker:
             return ended("failed", error=error)
 
 
-GenQActor = ray.remote(GenQWorker)
+class _ActorWorker(GenQWorker):
+    """:class:`GenQWorker` in a Ray worker process: its logs are JSON lines with the job fields,
+    like the dispatcher's (Ray keeps them in the session's worker logs and relays them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        configure_logging("INFO")
+        super().__init__(*args, **kwargs)
+
+
+GenQActor = ray.remote(_ActorWorker)
 """The Ray actor class of :class:`GenQWorker`; create it with ``.options(...).remote(settings)``."""
 
 

@@ -119,6 +119,7 @@ def submit_job(
     else:
         response.headers["Idempotent-Replayed"] = "true"
 
+    request.state.job_id = job.id  # for the request's log line
     urls = _job_urls(base_url(request, state.settings), job.id)
     response.headers["Location"] = urls.self
     return JobAccepted(

@@ -23,6 +23,7 @@ from services.common.jobs import JobRecord, JobStatus, Stage
 from services.common.jobstore import JobStore
 from services.common.keys import BucketRole
 from services.common.queue import JobQueue
+from services.common.worker_metrics import worker_metrics_key
 from services.workers.actors import GenQWorker
 from services.workers.checkpoints import checkpoint_key, read_checkpoint
 from services.workers.dispatcher import Dispatcher, DispatcherSettings, InlinePool, WorkerPool
@@ -163,6 +164,9 @@ def test_two_jobs_share_the_pool(env: Env, caplog: pytest.LogCaptureFixture) -> 
     for job_id in (first, second):
         assert env.job(job_id).status == JobStatus.SUCCEEDED
         assert env.job(job_id).result["images_generated"] == 40
+    # every shard added its images and seconds to the worker metrics (/metrics)
+    metrics = env.services.redis.hgetall(worker_metrics_key(env.settings.redis_prefix))
+    assert int(metrics[b"images_generated"]) == 80 and float(metrics[b"generation_seconds"]) > 0
     # both were taken at once, and their shards alternate instead of one job's all going first
     shards = [job for job, method in placements(caplog) if method == "generate_shard"]
     assert sorted(shards) == sorted([first] * 5 + [second] * 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -16,6 +17,7 @@ from redis.retry import Retry
 from services.api.app import create_app
 from services.api.settings import ApiSettings
 from services.common.jobstore import JobStore
+from services.common.worker_metrics import record_generation, record_gpu_peak
 from tests.support.api_testing import ACME
 from tests.support.s3_server import s3_server
 
@@ -72,7 +74,7 @@ def test_readyz_is_503_naming_s3_when_the_server_stops(
     assert "s3:data (StorageError)" in message and "redis" not in message
 
 
-def test_metrics_expose_job_gauges_queue_depth_stage_durations_and_requests(
+def test_metrics_expose_jobs_queue_stages_worker_metrics_and_requests(
     api: TestClient, store: JobStore, redis_client: redis.Redis
 ):
     for _ in range(2):
@@ -87,6 +89,10 @@ def test_metrics_expose_job_gauges_queue_depth_stage_durations_and_requests(
         "genq:metrics:stage_seconds",
         mapping={"generating:sum": 12.5, "generating:count": 2, "junk": "x"},
     )
+    record_generation(redis_client, "genq", images=40, seconds=8.0)
+    record_generation(redis_client, "genq", images=24, seconds=4.0)
+    record_gpu_peak(redis_client, "genq", "node-a", 3_000)
+    record_gpu_peak(redis_client, "genq", "node-a", 2_000)  # lower: the peak stays
     api.get("/v1/jobs/job_00000000000000000000000000", headers=ACME)
 
     response = api.get("/metrics")
@@ -101,6 +107,9 @@ def test_metrics_expose_job_gauges_queue_depth_stage_durations_and_requests(
     assert 'genq_stage_duration_seconds_sum{stage="generating"} 12.5' in text
     assert 'genq_stage_duration_seconds_count{stage="generating"} 2.0' in text
     assert "genq_store_up 1.0" in text
+    assert "genq_images_generated_total 64.0" in text
+    assert "genq_generation_seconds_total 12.0" in text
+    assert 'genq_worker_gpu_memory_peak_bytes{node="node-a"} 3000.0' in text
     assert 'genq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 2.0' in text
     assert 'route="/v1/jobs/{job_id}",status="404"' in text
     assert (
@@ -144,3 +153,22 @@ def test_the_app_builds_its_own_clients_from_the_settings(
 
     assert ready.status_code == 200
     assert app_redis is not redis_client
+
+
+def test_every_request_logs_one_access_line_with_its_ids(
+    api: TestClient, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="genq.api.access")
+    created = api.post(
+        "/v1/jobs",
+        json={"kind": "generate", "model": {"source": "timm", "name": "r"}},
+        headers={**ACME, "X-Request-ID": "req-42"},
+    )
+    job_id = created.json()["id"]
+    api.get(f"/v1/jobs/{job_id}", headers=ACME)
+
+    post, get = [r for r in caplog.records if r.name == "genq.api.access"][-2:]
+    assert (post.method, post.route, post.status) == ("POST", "/v1/jobs", 202)  # type: ignore[attr-defined]
+    assert (post.request_id, post.tenant, post.job_id) == ("req-42", "acme", job_id)  # type: ignore[attr-defined]
+    assert (get.route, get.status, get.job_id) == ("/v1/jobs/{job_id}", 200, job_id)  # type: ignore[attr-defined]
+    assert get.duration_ms >= 0  # type: ignore[attr-defined]
