@@ -29,13 +29,11 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,12 +45,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from genq_core.bench.runinfo import cpu_name  # noqa: E402
 from genq_core.client import GenQClient  # noqa: E402
-from services.api.settings import hash_api_key  # noqa: E402
 from services.common.queue import JobQueue  # noqa: E402
-from tests.support.processes import start_on_free_port, start_process, stop_process  # noqa: E402
-from tests.support.ray_cluster import RAY_ENV, ray_cluster  # noqa: E402
-from tests.support.redis_server import redis_server  # noqa: E402
-from tests.support.s3_server import s3_server  # noqa: E402
+from tests.support.processes import stop_process  # noqa: E402
+from tests.support.service_stack import ServiceStack, distributed_stack  # noqa: E402
 
 API_KEY = "benchmark-key"
 
@@ -71,62 +66,11 @@ def job_body(per_class: int, seed: int, iters: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@dataclass
-class Stack:
-    url: str
-    redis_url: str
-    dispatcher: subprocess.Popen[bytes]
-    logs: Path
-
-
 @contextmanager
-def service_stack(root: Path) -> Iterator[Stack]:
+def service_stack(root: Path) -> Iterator[ServiceStack]:
     """Redis, S3, a Ray head, the dispatcher and the API, stopped on exit."""
-    with ExitStack() as stack:
-        redis_info = stack.enter_context(redis_server(root / "redis", appendonly=True))
-        s3 = stack.enter_context(s3_server(root / "s3"))
-        ray_info = stack.enter_context(ray_cluster([], head_cpus=2))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-        env.update(RAY_ENV)
-        env.update(
-            OMP_NUM_THREADS="1",
-            GENQ_MODE="distributed",
-            GENQ_REDIS_URL=redis_info.url,
-            GENQ_S3_ENDPOINT=s3.endpoint,
-            GENQ_S3_ACCESS_KEY=s3.access_key,
-            GENQ_S3_SECRET_KEY=s3.secret_key,
-            GENQ_API_KEYS=f"{hash_api_key(API_KEY)}=bench",
-            GENQ_RAY_ADDRESS=ray_info.address,
-            GENQ_NUM_ACTORS="1",
-            GENQ_ACTOR_NUM_CPUS="1",
-            GENQ_THREADS="1",
-            GENQ_ASSETS_DIR=str(REPO_ROOT / "benchmarks" / "assets"),
-            GENQ_MODEL_CACHE_DIR=str(root / "model-cache"),
-            GENQ_MAX_QUEUE_DEPTH="10000",
-        )
-        dispatcher = start_process(
-            [sys.executable, "-m", "services.workers"], root / "dispatcher.log", env
-        )
-        stack.callback(stop_process, dispatcher, 60.0)
-        genq = str(Path(sys.executable).parent / "genq")
-        api, port = start_on_free_port(
-            lambda port: [genq, "serve", "--port", str(port), "--log-level", "warning"],
-            _ready,
-            what="genq serve",
-            port_taken="address already in use",
-            log_path=root / "api.log",
-            timeout_s=60,
-            env=env,
-        )
-        stack.callback(stop_process, api)
-        yield Stack(f"http://127.0.0.1:{port}", redis_info.url, dispatcher, root)
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with distributed_stack(root, {API_KEY: "bench"}, {"GENQ_MAX_QUEUE_DEPTH": "10000"}) as stack:
+        yield stack
 
 
 # ---- 1. overhead ---------------------------------------------------------------------------

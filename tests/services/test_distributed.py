@@ -8,25 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from genq_core.client import GenQClient, GenQError
-from services.api.settings import hash_api_key
 from tests.services.workers.test_runner import genq_body
-from tests.support.processes import start_on_free_port, start_process, stop_process, wait_until
-from tests.support.ray_cluster import RAY_ENV, ray_cluster
-from tests.support.redis_server import redis_server
-from tests.support.s3_server import s3_server
+from tests.support.processes import wait_until
+from tests.support.service_stack import ServiceStack, distributed_stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY_ACME, KEY_GLOBEX = "acme-e2e-key", "globex-e2e-key"
@@ -34,85 +26,27 @@ KEY_ACME, KEY_GLOBEX = "acme-e2e-key", "globex-e2e-key"
 TINY_JOB = genq_body()
 
 
-@dataclass(frozen=True)
-class Stack:
-    url: str
-    processes: tuple[subprocess.Popen[bytes], ...]
-    logs: Path
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceStack]:
     root = tmp_path_factory.mktemp("distributed")
-    processes: list[subprocess.Popen[bytes]] = []
-    with ExitStack() as stack:
-        # 1. the servers: Redis, S3, a Ray head with 2 CPUs
-        redis_info = stack.enter_context(redis_server(root / "redis", appendonly=True))
-        s3 = stack.enter_context(s3_server(root / "s3"))
-        ray_info = stack.enter_context(ray_cluster([], head_cpus=2))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-        env.update(RAY_ENV)
-        env.update(
-            OMP_NUM_THREADS="1",
-            GENQ_MODE="distributed",
-            GENQ_REDIS_URL=redis_info.url,
-            GENQ_S3_ENDPOINT=s3.endpoint,
-            GENQ_S3_ACCESS_KEY=s3.access_key,
-            GENQ_S3_SECRET_KEY=s3.secret_key,
-            GENQ_API_KEYS=f"{hash_api_key(KEY_ACME)}=acme,{hash_api_key(KEY_GLOBEX)}=globex",
-            GENQ_RAY_ADDRESS=ray_info.address,
-            GENQ_NUM_ACTORS="1",
-            GENQ_ACTOR_NUM_CPUS="1",
-            GENQ_THREADS="1",
-            GENQ_ASSETS_DIR=str(REPO_ROOT / "benchmarks" / "assets"),
-            GENQ_MODEL_CACHE_DIR=str(root / "model-cache"),
-            GENQ_POLL_S="0.1",
-            GENQ_PROGRESS_INTERVAL_S="0",
-            GENQ_CANCEL_POLL_S="0.2",
-        )
-        # 2. the dispatcher and its actor, on the Ray cluster
-        dispatcher = start_process(
-            [sys.executable, "-m", "services.workers"], root / "dispatcher.log", env
-        )
-        processes.append(dispatcher)
-        stack.callback(stop_process, dispatcher, 60.0)
-        # 3. the API, as `genq serve` runs it
-        genq = str(Path(sys.executable).parent / "genq")
-        api, port = start_on_free_port(
-            lambda port: [genq, "serve", "--port", str(port), "--log-level", "warning"],
-            _ready,
-            what="genq serve",
-            port_taken="address already in use",
-            log_path=root / "api.log",
-            timeout_s=60,
-            env=env,
-        )
-        processes.append(api)
-        stack.callback(stop_process, api)
-        yield Stack(f"http://127.0.0.1:{port}", tuple(processes), root)
-    for process in processes:  # every process this module started is gone
+    settings = {"GENQ_POLL_S": "0.1", "GENQ_PROGRESS_INTERVAL_S": "0", "GENQ_CANCEL_POLL_S": "0.2"}
+    keys = {KEY_ACME: "acme", KEY_GLOBEX: "globex"}
+    with distributed_stack(root, keys, settings) as running:
+        yield running
+    for process in (running.dispatcher, running.api):  # every process it started is gone
         assert process.poll() is not None
 
 
-def _client(stack: Stack, key: str = KEY_ACME) -> GenQClient:
+def _client(stack: ServiceStack, key: str = KEY_ACME) -> GenQClient:
     return GenQClient(stack.url, key)
 
 
-def _logs(stack: Stack) -> str:
-    return "\n".join(
-        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(stack.logs.glob("*.log"))
-    )
+def _logs(stack: ServiceStack) -> str:
+    return stack.log_tails()
 
 
 def test_a_job_runs_on_ray_and_every_artifact_downloads_with_its_sha256(
-    stack: Stack, tmp_path: Path
+    stack: ServiceStack, tmp_path: Path
 ):
     with _client(stack) as client:
         job_id = client.submit(TINY_JOB)["id"]
@@ -136,7 +70,7 @@ def test_a_job_runs_on_ray_and_every_artifact_downloads_with_its_sha256(
         assert final["progress"]["images_generated"] == 40
 
 
-def test_a_running_job_is_canceled(stack: Stack):
+def test_a_running_job_is_canceled(stack: ServiceStack):
     long_job = {**TINY_JOB, "quant": {"preset": "qdrop", "iters": 20_000}}
     with _client(stack) as client:
         job_id = client.submit(long_job)["id"]
@@ -154,7 +88,7 @@ def test_a_running_job_is_canceled(stack: Stack):
         assert client.cancel(job_id)["status"] == "canceled"  # idempotent
 
 
-def test_tenants_see_only_their_own_jobs(stack: Stack):
+def test_tenants_see_only_their_own_jobs(stack: ServiceStack):
     with _client(stack) as acme, _client(stack, KEY_GLOBEX) as globex:
         job_id = acme.submit({**TINY_JOB, "generation": {**TINY_JOB["generation"], "seed": 7}})[
             "id"
@@ -167,7 +101,7 @@ def test_tenants_see_only_their_own_jobs(stack: Stack):
         assert acme.wait(job_id, timeout=300)["status"] == "succeeded"
 
 
-def test_idempotency_keys_return_the_same_job_or_409(stack: Stack):
+def test_idempotency_keys_return_the_same_job_or_409(stack: ServiceStack):
     body = {**TINY_JOB, "generation": {**TINY_JOB["generation"], "seed": 11}}
     with _client(stack) as client:
         first = client.submit(body, idempotency_key="e2e-key-1")
