@@ -236,6 +236,11 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     """``genq serve``: the service's API, with (``--embedded``) or without its workers."""
+    if not args.embedded and (args.data_dir or args.workers != 1 or args.threads):
+        raise ValueError(
+            "--data-dir, --workers and --threads are for --embedded; the distributed "
+            "workers take GENQ_* settings (python -m services.workers)"
+        )
     try:
         import uvicorn
 
@@ -262,11 +267,6 @@ def serve_command(args: argparse.Namespace) -> int:
             log_level=log_level,
         )
     else:
-        if args.data_dir or args.workers != 1 or args.threads:
-            raise ValueError(
-                "--data-dir, --workers and --threads are for --embedded; the distributed "
-                "workers take GENQ_* settings (python -m services.workers)"
-            )
         # the distributed mode's settings all come from GENQ_* (services.api.settings)
         uvicorn.run(
             "services.api.app:create_app",

@@ -40,6 +40,8 @@ def test_an_exception_becomes_the_error_field():
 
 
 def test_configure_logging_writes_json_or_text_to_stderr(capsys: pytest.CaptureFixture[str]):
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         configure_logging("INFO")
         logging.getLogger("services.y").info("hello", extra={"job_id": "job_2"})
@@ -47,5 +49,9 @@ def test_configure_logging_writes_json_or_text_to_stderr(capsys: pytest.CaptureF
         configure_logging("INFO", json_lines=False)
         logging.getLogger("services.y").info("plain")
         assert "INFO services.y: plain" in capsys.readouterr().err
-    finally:
-        logging.basicConfig(handlers=[logging.NullHandler()], force=True)
+    finally:  # the root logger as it was: later tests must not write to this capture
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
