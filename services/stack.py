@@ -45,8 +45,11 @@ __all__ = [
     "StackError",
     "StackState",
     "describe",
+    "juicefs_format_command",
+    "juicefs_gateway_command",
     "kill_processes_naming",
     "loopback_name",
+    "redis_command",
 ]
 
 STATE_FILE = "stack.json"
@@ -140,9 +143,6 @@ class LocalStack:
         """
         if any(running for _, running in self.status()):
             raise StackError(f"a stack already runs from {self.folder}: genq stack down first")
-        for program in ("redis-server", "juicefs"):
-            if _which(program) is None:
-                raise StackError(f"{program} is not installed: run scripts/install.sh")
         (self.folder / "logs").mkdir(parents=True, exist_ok=True)
         state = StackState()
         try:
@@ -187,11 +187,10 @@ class LocalStack:
         self._start(
             state,
             "redis",
-            [_which_or_raise("redis-server"), "--bind", "127.0.0.1", "--port", str(redis_port),
-             "--dir", str(redis_dir), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+            redis_command(_which_or_raise("redis-server"), redis_port, redis_dir),
             port=redis_port,
             ready=lambda: _redis_answers(redis_port),
-        )  # fmt: skip
+        )
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
         # 2. the S3 server: a JuiceFS volume in the folder behind MinIO's gateway
@@ -207,22 +206,18 @@ class LocalStack:
         (s3_dir / "home").mkdir(parents=True, exist_ok=True)
         if not (s3_dir / "meta.db").exists():
             _run_checked(
-                [_which_or_raise("juicefs"), "format", "--storage", "file", "--bucket",
-                 f"{s3_dir / 'data'}/", meta, "genq"],
+                juicefs_format_command(_which_or_raise("juicefs"), s3_dir / "data", meta),
                 s3_env,
                 "juicefs format",
-            )  # fmt: skip
+            )
         self._start(
             state,
             "s3",
-            [_which_or_raise("juicefs"), "gateway", "--multi-buckets", "--keep-etag",
-             "--object-meta", "--no-usage-report", "--no-banner", "--no-bgjob", "--metrics",
-             "127.0.0.1:0", "--cache-dir", str(s3_dir / "cache"), meta,
-             f"127.0.0.1:{s3_port}"],
+            juicefs_gateway_command(_which_or_raise("juicefs"), meta, s3_dir / "cache", s3_port),
             env=s3_env,
             port=s3_port,
             ready=lambda: _http_ok(f"http://127.0.0.1:{s3_port}/minio/health/live"),
-        )  # fmt: skip
+        )
 
         # 3. the Ray cluster: a head without CPUs, then the worker nodes
         ray_dir = Path(tempfile.mkdtemp(prefix="genqstack-", dir="/tmp"))  # short: unix sockets
@@ -408,6 +403,30 @@ class LocalStack:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def redis_command(binary: str, port: int, folder: Path, appendonly: bool = True) -> list[str]:
+    """redis-server on 127.0.0.1:``port`` with its files in ``folder``, no RDB snapshots, AOF as
+    asked, in the foreground (stopped by its PID; it flushes the AOF on SIGTERM)."""
+    return [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+            "--save", "", "--appendonly", "yes" if appendonly else "no",
+            "--daemonize", "no"]  # fmt: skip
+
+
+def juicefs_format_command(binary: str, data_dir: Path, meta_url: str) -> list[str]:
+    """Make the JuiceFS volume ``genq``: objects as files under ``data_dir``, metadata at
+    ``meta_url`` (``sqlite3://...``)."""
+    return [binary, "format", "--storage", "file", "--bucket", f"{data_dir}/", meta_url, "genq"]
+
+
+def juicefs_gateway_command(binary: str, meta_url: str, cache_dir: Path, port: int) -> list[str]:
+    """The S3 gateway of that volume on 127.0.0.1:``port`` (credentials from ``MINIO_ROOT_*``;
+    it creates ``$HOME/.minio``). Its metrics port is a free one: the default clashes between
+    servers."""
+    return [binary, "gateway", "--multi-buckets", "--keep-etag",
+            "--object-meta",  # keep each object's Content-Type instead of guessing from its name
+            "--no-usage-report", "--no-banner", "--no-bgjob", "--metrics", "127.0.0.1:0",
+            "--cache-dir", str(cache_dir), meta_url, f"127.0.0.1:{port}"]  # fmt: skip
 
 
 def _free_port() -> int:

@@ -46,18 +46,13 @@ from redis.exceptions import RedisError
 
 from services.common.jobstore import JobStore
 from services.common.queue import JobQueue
-from services.common.worker_metrics import gpu_peak_key, worker_metrics_key
+from services.common.worker_metrics import gpu_peak_key, stage_seconds_key, worker_metrics_key
 
 __all__ = ["ApiMetrics", "stage_seconds_key"]
 
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-def stage_seconds_key(prefix: str) -> str:
-    """The Redis hash the workers add stage durations to (layout in the module docstring)."""
-    return f"{prefix}:metrics:stage_seconds"
 
 
 class ApiMetrics:

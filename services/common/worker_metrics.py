@@ -3,6 +3,9 @@
 Workers must not import the API, and Ray actors have no port of their own to scrape, so they add
 to Redis hashes that every API replica reads at scrape time (``services.api.metrics``):
 
+``{prefix}:metrics:stage_seconds`` (one hash, two fields per job stage)
+    ``{stage}:sum``          seconds spent in the stage, over every job (HINCRBYFLOAT)
+    ``{stage}:count``        stage runs measured (HINCRBY)
 ``{prefix}:metrics:worker`` (one hash)
     ``images_generated``     images made by generation shards (HINCRBY)
     ``generation_seconds``   seconds those shards took (HINCRBYFLOAT); their ratio over a window
@@ -20,6 +23,8 @@ __all__ = [
     "gpu_peak_key",
     "record_generation",
     "record_gpu_peak",
+    "record_stage_seconds",
+    "stage_seconds_key",
     "worker_metrics_key",
 ]
 
@@ -30,12 +35,24 @@ return 1
 """
 
 
+def stage_seconds_key(prefix: str) -> str:
+    return f"{prefix}:metrics:stage_seconds"
+
+
 def worker_metrics_key(prefix: str) -> str:
     return f"{prefix}:metrics:worker"
 
 
 def gpu_peak_key(prefix: str) -> str:
     return f"{prefix}:metrics:gpu_peak"
+
+
+def record_stage_seconds(redis: Redis, prefix: str, stage: str, seconds: float) -> None:
+    """Add one run of a job stage."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hincrbyfloat(stage_seconds_key(prefix), f"{stage}:sum", seconds)
+    pipe.hincrby(stage_seconds_key(prefix), f"{stage}:count", 1)
+    pipe.execute()
 
 
 def record_generation(redis: Redis, prefix: str, images: int, seconds: float) -> None:

@@ -84,6 +84,7 @@ from genq_core.storage_s3 import StorageError
 from services.common.jobs import JobError, JobKind, Stage, is_job_id
 from services.common.jobstore import JobNotFound, JobStore
 from services.common.keys import CHECKPOINT_PREFIX
+from services.common.worker_metrics import record_stage_seconds, stage_seconds_key
 from services.workers.checkpoints import (
     checkpoint_key,
     dataset_is_complete,
@@ -241,7 +242,7 @@ def run_job(
             )
             run.progress.flush()
             if client is not None:
-                _record_stage_seconds(client, settings.redis_prefix, stage, seconds)
+                record_stage_seconds(client, settings.redis_prefix, stage.value, seconds)
                 if stage == Stage.FILTERING:
                     _record_dataset(client, run)
             logger.info("job %s: %s done in %.1f s", job_id, stage.value, seconds)
@@ -268,11 +269,6 @@ def stages_for(resolved: ResolvedJob) -> list[Stage]:
 def dataset_key(prefix: str, tenant: str, fingerprint: str) -> str:
     """Redis key of the job holding the tenant's finished dataset with this fingerprint."""
     return f"{prefix}:dataset:{tenant}:{fingerprint}"
-
-
-def stage_seconds_key(prefix: str) -> str:
-    """Redis hash of stage durations: ``{stage}:sum`` (seconds) and ``{stage}:count``."""
-    return f"{prefix}:metrics:stage_seconds"
 
 
 def job_error(error: BaseException) -> JobError:
@@ -812,13 +808,6 @@ def _record_dataset(redis: Redis, run: _JobRun) -> None:
     if resolved.fingerprint is not None and resolved.kind != JobKind.QUANTIZE:
         key = dataset_key(run.settings.redis_prefix, resolved.tenant, resolved.fingerprint)
         redis.set(key, resolved.job_id)
-
-
-def _record_stage_seconds(redis: Redis, prefix: str, stage: Stage, seconds: float) -> None:
-    pipe = redis.pipeline(transaction=False)
-    pipe.hincrbyfloat(stage_seconds_key(prefix), f"{stage.value}:sum", seconds)
-    pipe.hincrby(stage_seconds_key(prefix), f"{stage.value}:count", 1)
-    pipe.execute()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import redis
 
+from services.stack import redis_command
 from tests.support.processes import start_on_free_port, stop_process
 
 __all__ = ["RedisServerInfo", "find_redis_server", "redis_server"]
@@ -87,21 +88,8 @@ def redis_server(
     log_path = root / "redis.log"
 
     def command(port: int) -> list[str]:
-        return [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(root),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if appendonly else "no",
-            "--daemonize",
-            "no",  # stay our child, so we stop it by the PID we hold; it logs to stdout
-        ]
+        # in the foreground: it stays our child, stopped by the PID we hold; it logs to stdout
+        return redis_command(binary, port, root, appendonly)
 
     process, port = start_on_free_port(
         command,

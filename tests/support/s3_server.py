@@ -19,13 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.stack import juicefs_format_command, juicefs_gateway_command
 from tests.support.processes import start_on_free_port, stop_process
 
 __all__ = ["S3ServerInfo", "find_juicefs", "s3_server"]
 
 ACCESS_KEY = "genq-test-access"
 SECRET_KEY = "genq-test-secret-key"
-_VOLUME_NAME = "genqtest"
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,7 @@ def s3_server(tmp_dir: str | Path, start_timeout: float = 20.0) -> Iterator[S3Se
     env = {name: value for name, value in os.environ.items() if not name.startswith("MINIO_")}
     env.update(HOME=str(home), MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
     formatted = subprocess.run(
-        [
-            juicefs,
-            "format",
-            "--storage",
-            "file",
-            "--bucket",
-            f"{root / 'data'}/",
-            meta_url,
-            _VOLUME_NAME,
-        ],
+        juicefs_format_command(juicefs, root / "data", meta_url),
         env=env,
         capture_output=True,
         text=True,
@@ -113,22 +104,7 @@ def s3_server(tmp_dir: str | Path, start_timeout: float = 20.0) -> Iterator[S3Se
 
     # 2. start the gateway on a free loopback port and wait until it answers
     def command(port: int) -> list[str]:
-        return [
-            juicefs,
-            "gateway",
-            "--multi-buckets",
-            "--keep-etag",
-            "--object-meta",  # store each object's Content-Type instead of guessing from its name
-            "--no-usage-report",
-            "--no-banner",
-            "--no-bgjob",
-            "--metrics",
-            "127.0.0.1:0",  # the default 127.0.0.1:9567 clashes between servers
-            "--cache-dir",
-            str(root / "cache"),
-            meta_url,
-            f"127.0.0.1:{port}",
-        ]
+        return juicefs_gateway_command(juicefs, meta_url, root / "cache", port)
 
     log_path = root / "gateway.log"
     process, port = start_on_free_port(
