@@ -1,14 +1,17 @@
 """deploy/k8s, checked offline: every manifest validates against the Kubernetes 1.37 schemas that
-kubernetes-validate bundles (strict: unknown fields are errors); the KubeRay RayCluster's pod
-templates validate the same way and its groups are checked here; every reference between the
-manifests resolves; the ConfigMap and Secret give settings the services accept."""
+kubernetes-validate bundles (strict: unknown fields are errors); the KubeRay RayCluster validates
+against RAYCLUSTER_V1 below (its own fields) and its pod templates as core PodTemplates; every
+reference between the manifests resolves; the ConfigMap and Secret give settings the services
+accept."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -19,6 +22,86 @@ from services.workers.dispatcher import DispatcherSettings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S = REPO_ROOT / "deploy" / "k8s"
 VERSION = "1.37.0"
+
+
+_INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_POD_TEMPLATE = {"type": "object"}  # validated as a core PodTemplate, strictly
+# KubeRay's ray.io/v1 RayCluster, as its API types define it (field names, types, enums and
+# required fields of the spec, the head group and worker groups; unknown fields are errors). The
+# operator's generated CRD file cannot be fetched offline, so this schema is written here.
+RAYCLUSTER_V1: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayCluster"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["headGroupSpec"],
+            "additionalProperties": False,
+            "properties": {
+                "headGroupSpec": {
+                    "type": "object",
+                    "required": ["template"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "serviceType": {"type": "string"},
+                        "headService": {"type": "object"},
+                        "enableIngress": {"type": "boolean"},
+                        "rayStartParams": _STRING_MAP,
+                        "template": _POD_TEMPLATE,
+                    },
+                },
+                "workerGroupSpecs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["groupName", "template"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "groupName": {"type": "string", "minLength": 1},
+                            "replicas": _INT32,
+                            "minReplicas": _INT32,
+                            "maxReplicas": _INT32,
+                            "numOfHosts": _INT32,
+                            "rayStartParams": _STRING_MAP,
+                            "template": _POD_TEMPLATE,
+                            "scaleStrategy": {"type": "object"},
+                            "suspend": {"type": "boolean"},
+                            "idleTimeoutSeconds": _INT32,
+                        },
+                    },
+                },
+                "rayVersion": {"type": "string"},
+                "enableInTreeAutoscaling": {"type": "boolean"},
+                "autoscalerOptions": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "resources": {"type": "object"},
+                        "image": {"type": "string"},
+                        "imagePullPolicy": {"enum": ["Always", "Never", "IfNotPresent"]},
+                        "env": {"type": "array"},
+                        "envFrom": {"type": "array"},
+                        "volumeMounts": {"type": "array"},
+                        "securityContext": {"type": "object"},
+                        "idleTimeoutSeconds": _INT32,
+                        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                        "version": {"enum": ["v1", "v2"]},
+                    },
+                },
+                "headServiceAnnotations": _STRING_MAP,
+                "suspend": {"type": "boolean"},
+                "managedBy": {"type": "string"},
+                "gcsFaultToleranceOptions": {"type": "object"},
+                "authOptions": {"type": "object"},
+            },
+        },
+    },
+}
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -66,6 +149,41 @@ def test_a_schema_violation_is_caught():
     broken = {**deployment, "spec": {**deployment["spec"], "replicas": "two"}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, VERSION, strict=True)
+
+
+def test_the_ray_cluster_validates_against_the_raycluster_v1_schema():
+    [cluster] = by_kind("RayCluster")
+    jsonschema.validate(cluster, RAYCLUSTER_V1)
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("spec", "workerGroupSpecs", 0, "replicas"), "two"),
+        (("spec", "workerGroupSpecs", 0, "maxReplicas"), 2**31),
+        (("spec", "autoscalerOptions", "upscalingMode"), "Fast"),
+        (("spec", "headGroupSpec", "rayStartParams", "num-gpus"), 0),
+        (("spec", "workerGroupSpecs", 0, "replica"), 1),
+        (("spec", "headGroup"), {}),
+    ],
+)
+def test_a_ray_cluster_schema_violation_is_caught(path: tuple[str | int, ...], value: object):
+    [cluster] = by_kind("RayCluster")
+    broken = copy.deepcopy(cluster)
+    parent: Any = broken
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, RAYCLUSTER_V1)
+
+
+def test_a_worker_group_without_a_name_is_caught():
+    [cluster] = by_kind("RayCluster")
+    broken = copy.deepcopy(cluster)
+    del broken["spec"]["workerGroupSpecs"][0]["groupName"]
+    with pytest.raises(jsonschema.ValidationError, match="groupName"):
+        jsonschema.validate(broken, RAYCLUSTER_V1)
 
 
 def test_the_ray_cluster_has_a_gpu_worker_group_and_valid_pod_templates():
