@@ -16,6 +16,7 @@ through the same ``quantize_model``. Prints one table (top-1 on the 10k test set
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +48,8 @@ WEIGHTS = ROOT / "assets" / "bn_cnn_fmnist.safetensors"
 RESULTS = ROOT / "results" / "quant_engine.json"
 BENCHMARKS_MD = ROOT.parent / "BENCHMARKS.md"
 SECTION = "quant-engine"
+# the rounding learning rate of runs saved before the results recorded it
+OLD_WEIGHT_LR = 1e-3
 
 ALL_PRESETS = ["minmax", "percentile", "mse", "adaround", "brecq", "qdrop"]
 FAST_AND_QDROP = ["minmax", "mse", "qdrop"]
@@ -90,6 +93,9 @@ def main() -> None:
     # 4. every preset at every setting
     plan = _parse_only(args.only) if args.only else QUICK_PLAN if args.quick else FULL_PLAN
     iters = args.iters or (200 if args.quick else ReconstructionConfig.iters)
+    reconstruction = ReconstructionConfig(iters=iters)
+    if args.weight_lr is not None:
+        reconstruction = dataclasses.replace(reconstruction, weight_lr=args.weight_lr)
     rows = []
     for weight_bits, act_bits, presets in plan:
         for preset in presets:
@@ -97,7 +103,7 @@ def main() -> None:
                 weight_bits=weight_bits,
                 act_bits=act_bits,
                 preset=preset,
-                reconstruction=ReconstructionConfig(iters=iters),
+                reconstruction=reconstruction,
                 seed=args.seed,
             )
             started = time.perf_counter()
@@ -123,6 +129,7 @@ def main() -> None:
         "command": "python benchmarks/quant_engine.py"
         + (" --quick" if args.quick else "")
         + (f" --iters {args.iters}" if args.iters else "")
+        + (f" --weight-lr {args.weight_lr:g}" if args.weight_lr is not None else "")
         + (f" --threads {args.threads}" if args.threads != 1 else "")
         + (f" --only {args.only}" if args.only else "")
         + (f" --tag {args.tag}" if args.tag else ""),
@@ -130,6 +137,7 @@ def main() -> None:
         "float_top1": fp_top1,
         "calibration_images": int(calibration.shape[0]),
         "reconstruction_iters": iters,
+        "weight_lr": reconstruction.weight_lr,
         "seed": args.seed,
         "weights_sha256": file_sha256(WEIGHTS),
         "versions": {"genq": genq_core.__version__, "torch": torch.__version__},
@@ -185,7 +193,8 @@ def _markdown(result: dict[str, Any]) -> str:
         f"4-conv BN CNN (`BNConvNet`, 97k parameters) on Fashion-MNIST, float top-1 "
         f"**{result['float_top1']:.2f}%** on the 10k test set; {result['calibration_images']} "
         f"real calibration images; first/last layer 8-bit; {result['reconstruction_iters']} "
-        f"reconstruction steps per unit (batch 32). Cells: test top-1 % (change vs float) / "
+        f"reconstruction steps per unit (batch 32, rounding learning rate "
+        f"{result.get('weight_lr', OLD_WEIGHT_LR):g}). Cells: test top-1 % (change vs float) / "
         "wall seconds for the whole `quantize_model` call. The network has no residual blocks, "
         "so `brecq` and `qdrop` reconstruct it layer by layer as `adaround` does (`brecq` equals "
         "`adaround` here); `qdrop` adds its random activation-quantization drop.",
@@ -245,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="fewer settings, presets and steps")
     parser.add_argument("--iters", type=int, help="reconstruction steps per unit")
+    parser.add_argument(
+        "--weight-lr", type=float, help="rounding learning rate (default: the engine's)"
+    )
     parser.add_argument("--num-calib", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -900,6 +900,7 @@ class _Bench:
         """
         config = self.config
         assert calibration.images is not None
+        reconstruction = ReconstructionConfig(iters=config.iters)
         key = "|".join(
             [
                 block,
@@ -911,6 +912,7 @@ class _Bench:
                 f"k{k}",
                 f"seed{seed}",
                 f"iters{config.iters}",
+                f"rec{_fingerprint(dataclasses.asdict(reconstruction))[:12]}",
                 f"cal{calibration.fingerprint}",
                 f"test{config.test_images}",
             ]
@@ -929,7 +931,7 @@ class _Bench:
             preset=preset,
             max_calibration_images=config.num_calibration,
             seed=seed,
-            reconstruction=ReconstructionConfig(iters=config.iters),
+            reconstruction=reconstruction,
         )
         clock = time.perf_counter()
         qmodel = quantize_model(
