@@ -97,12 +97,15 @@ class DispatcherSettings(WorkerSettings):
         default=600.0, gt=0.0, description="longest wait between retries (doubling from the base)"
     )
     sweep_every_s: float = Field(
-        default=30.0, gt=0.0, description="how often dead letters and lost enqueues are swept"
+        default=30.0,
+        gt=0.0,
+        description="how often dead letters and jobs without a queue message are swept",
     )
     lost_enqueue_after_s: float = Field(
         default=120.0,
         ge=0.0,
-        description="a job queued this long without a queue message is enqueued again",
+        description="a queued or running job untouched this long and without a queue message is "
+        "enqueued again",
     )
     shutdown_grace_s: float = Field(
         default=30.0,

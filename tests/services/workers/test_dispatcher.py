@@ -304,6 +304,9 @@ def test_dead_letters_fail_their_job(env: Env) -> None:
     (message,) = env.queue.read("ghost", count=1)
     env.store.start_attempt(job_id)
     time.sleep(0.4)
+    # its next reclaim makes it a dead letter: running, with no message, but not to run again
+    assert env.queue.reclaim("other", count=1) == []
+    assert requeue_lost_jobs(env.services.redis, settings.redis_prefix, 0) == []
     with env.pool(1) as pool:
         drive([env.dispatcher(pool, "d1")], finished(env, job_id), timeout=30)
     record = env.job(job_id)
@@ -330,6 +333,33 @@ def test_a_job_whose_enqueue_was_lost_is_enqueued_again(env: Env) -> None:
         assert record.status == JobStatus.FAILED and record.attempt == 1  # ran exactly once
         assert record.error is not None and record.error.code == "invalid_request"
     assert requeue_lost_jobs(redis, prefix, 0) == [] and env.queue.depth() == 0
+
+
+def test_a_running_job_whose_message_was_acked_is_taken_over(env: Env) -> None:
+    settings = env.settings.model_copy(update={"reclaim_idle_ms": 300})
+    env.queue = settings.make_queue(env.services.redis)
+    env.settings = settings
+    body = genq_body()
+    body["model"] = {"source": "builtin", "name": "no-such-model"}  # fails fast once it runs
+    orphan, held = env.submit("orphan", body), env.submit("orphan", body)
+    # a dispatcher runs both; one message is acked while its job still runs
+    messages = {m.job_id: m for m in env.queue.read("ghost", count=2)}
+    for job_id in (orphan, held):
+        env.store.start_attempt(job_id)
+    assert env.queue.ack(messages[orphan])
+    redis, prefix = env.services.redis, settings.redis_prefix
+    assert requeue_lost_jobs(redis, prefix, 60_000) == []  # touched too recently
+    time.sleep(0.6)
+    # `held` still has its message (in flight): only the orphan is enqueued, once
+    assert requeue_lost_jobs(redis, prefix, 500) == [orphan]
+    assert requeue_lost_jobs(redis, prefix, 500) == []
+    with env.pool(1) as pool:
+        drive([env.dispatcher(pool, "d1")], finished(env, orphan, held), timeout=30)
+    for job_id in (orphan, held):
+        record = env.job(job_id)
+        assert record.status == JobStatus.FAILED and record.attempt == 2  # a new attempt took over
+        assert record.error is not None and record.error.code == "invalid_request"
+    assert env.queue.depth() == 0
 
 
 def test_shutdown_requeues_the_running_job(env: Env) -> None:
