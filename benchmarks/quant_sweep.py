@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "wlr3e-3": {"weight_lr": 3e-3},
     "wlr1e-2": {"weight_lr": 1e-2},
+    "wlr3e-2": {"weight_lr": 3e-2},
     "alr1e-4": {"act_lr": 1e-4},
     "alr4e-4": {"act_lr": 4e-4},
     "wlr3e-3_alr1e-4": {"weight_lr": 3e-3, "act_lr": 1e-4},
