@@ -194,6 +194,8 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
         ("test_images", "test_images"),
         ("steps", "steps"),
         ("guidance", "guidance_scale"),
+        ("energy_keep", "energy_keep"),
+        ("distribution_keep", "distribution_keep"),
         ("inversion_iters", "inversion_iters"),
         ("ti_steps", "textual_inversion_steps"),
         ("data_scarce_model", "data_scarce_model"),
@@ -508,6 +510,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--test-images", type=_positive_int, help="evaluate on the first N only")
     f.add_argument("--steps", type=_positive_int, help="DDIM steps per generated image")
     f.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    f.add_argument(
+        "--energy-keep", type=float, help="fraction of each class the energy filter keeps (0.5)"
+    )
+    f.add_argument(
+        "--distribution-keep",
+        type=float,
+        help="fraction the distribution filter then keeps (0.8); the pool grows to match",
+    )
     f.add_argument("--inversion-iters", type=_positive_int, help="model inversion steps")
     f.add_argument("--ti-steps", type=_positive_int, help="textual inversion steps")
     f.add_argument("--ks", help="comma-separated k of the data-scarce block (default 1,5,10)")
@@ -686,6 +696,8 @@ _BENCH_FASHION_OPTIONS = (
     "test_images",
     "steps",
     "guidance",
+    "energy_keep",
+    "distribution_keep",
     "inversion_iters",
     "ti_steps",
     "ks",

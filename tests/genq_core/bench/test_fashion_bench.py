@@ -195,6 +195,8 @@ def test_rerun_through_the_cli_reuses_everything(
             "--iters", "2",
             "--steps", "2",
             "--inversion-iters", "2",
+            "--energy-keep", str(tiny_config.energy_keep),
+            "--distribution-keep", str(tiny_config.distribution_keep),
             "--ks", "1",
             "--data-scarce-settings", "W4A4",
             "--ti-steps", "2",
@@ -216,6 +218,7 @@ def test_rerun_through_the_cli_reuses_everything(
     assert again["command"].startswith("genq bench fashion --models resnet --settings W4A4")
     assert again["config"]["data_scarce_seeds"] == [0]
     assert "--data-scarce-seeds 0" in again["command"]
+    assert f"--energy-keep {tiny_config.energy_keep}" in again["command"]
     assert "| W4A4 |" in capsys.readouterr().out
 
 
