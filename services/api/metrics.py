@@ -48,7 +48,7 @@ from services.common.jobstore import JobStore
 from services.common.queue import JobQueue
 from services.common.worker_metrics import gpu_peak_key, stage_seconds_key, worker_metrics_key
 
-__all__ = ["ApiMetrics", "stage_seconds_key"]
+__all__ = ["ApiMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class _JobsCollector(Collector):
         try:
             counts = store.counts_by_status()
             depth = queue.depth()
-            stage_fields = redis.hgetall(stage_seconds_key(prefix))
+            stage_fields = _decoded(redis.hgetall(stage_seconds_key(prefix)))
             worker_fields = _decoded(redis.hgetall(worker_metrics_key(prefix)))
             gpu_fields = _decoded(redis.hgetall(gpu_peak_key(prefix)))
         except RedisError as err:
@@ -160,11 +160,10 @@ def _worker_metrics(worker: dict[str, str], gpu: dict[str, str]) -> Iterator[Met
     yield peaks
 
 
-def _stage_durations(raw: dict[bytes | str, bytes | str]) -> SummaryMetricFamily:
+def _stage_durations(fields: dict[str, str]) -> SummaryMetricFamily:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else key
+    for name, value in fields.items():
         stage, _, part = name.rpartition(":")
         try:
             number = float(value)

@@ -84,7 +84,7 @@ from genq_core.storage_s3 import StorageError
 from services.common.jobs import JobError, JobKind, Stage, is_job_id
 from services.common.jobstore import JobNotFound, JobStore
 from services.common.keys import CHECKPOINT_PREFIX
-from services.common.worker_metrics import record_stage_seconds, stage_seconds_key
+from services.common.worker_metrics import record_stage_seconds
 from services.workers.checkpoints import (
     checkpoint_key,
     dataset_is_complete,
@@ -109,7 +109,6 @@ __all__ = [
     "dataset_key",
     "job_error",
     "run_job",
-    "stage_seconds_key",
     "stages_for",
 ]
 

@@ -23,7 +23,6 @@ concurrent sweepers on several dispatchers never enqueue a job twice.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, MutableSet
 from typing import Any, cast
@@ -96,10 +95,6 @@ def requeue_lost_jobs(redis: Redis, prefix: str, older_than_ms: int) -> list[str
     stream, delayed, dead = f"{prefix}:queue", f"{prefix}:queue:delayed", f"{prefix}:queue:dead"
     waiting = set(_stream_job_ids(redis, stream))
     waiting.update(_text(member) for member in cast(list[Any], redis.zrange(delayed, 0, -1)))
-    # dead letters are fail_dead_letters' to fail, never to run again
-    waiting.update(
-        json.loads(_text(letter))["job_id"] for letter in cast(list[Any], redis.lrange(dead, 0, -1))
-    )
     # 2. queued jobs that are old enough and not waiting
     seconds, micros = cast(tuple[int, int], redis.time())
     cutoff_ms = int(seconds) * 1000 + int(micros) // 1000 - older_than_ms
@@ -174,9 +169,10 @@ def _text(value: Any) -> str:
 
 
 # KEYS: job hash, stream, delayed, dead letters. ARGV: job id, min age (ms). -> 1 if enqueued,
-# else 0. The statuses are _NEEDS_MESSAGE's. The stream and dead-letter scans are O(length), but
-# only run for the rare job that looked lost outside; job ids are unique, so a dead letter that
-# contains the id is the job's.
+# else 0. The statuses are _NEEDS_MESSAGE's. A dead letter's job is fail_dead_letters' to fail
+# (the dispatcher runs it first), never to run again. The stream and dead-letter scans are
+# O(length), but only run for the rare job that looked lost outside; job ids are unique, so a
+# dead letter that contains the id is the job's.
 _ENQUEUE_IF_LOST = """
 local job = redis.call('HMGET', KEYS[1], 'status', 'updated_at')
 if job[1] ~= 'queued' and job[1] ~= 'running' then return 0 end

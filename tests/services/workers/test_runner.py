@@ -25,14 +25,10 @@ from services.common import spec
 from services.common.jobs import JobRecord, Stage
 from services.common.jobstore import StaleAttempt
 from services.common.keys import BucketRole, upload_prefix
+from services.common.worker_metrics import stage_seconds_key
 from services.workers.checkpoints import checkpoint_key
 from services.workers.resolve import JobInputError
-from services.workers.runner import (
-    DATASET_ARCHIVE_KEY,
-    dataset_key,
-    run_job,
-    stage_seconds_key,
-)
+from services.workers.runner import DATASET_ARCHIVE_KEY, dataset_key, run_job
 from services.workers.storage import JobStorage
 from tests.services.workers.conftest import Services
 
