@@ -99,14 +99,14 @@ def requeue_lost_jobs(redis: Redis, prefix: str, older_than_ms: int) -> list[str
     seconds, micros = cast(tuple[int, int], redis.time())
     cutoff_ms = int(seconds) * 1000 + int(micros) // 1000 - older_than_ms
     candidates = [
-        job_id
+        (job_id, status)
         for status in _NEEDS_MESSAGE
         for job_id in indexed_job_ids(redis, prefix, status)
         if job_id not in waiting
     ]
     requeued: list[str] = []
     enqueue_if_lost = redis.register_script(_ENQUEUE_IF_LOST)
-    for job_id in candidates:
+    for job_id, status in candidates:
         updated_at = redis.hget(f"{prefix}:job:{job_id}", "updated_at")
         if updated_at is None or int(updated_at) > cutoff_ms:
             continue
@@ -116,11 +116,10 @@ def requeue_lost_jobs(redis: Redis, prefix: str, older_than_ms: int) -> list[str
         )
         if int(cast(Any, added)) == 1:
             requeued.append(job_id)
-            status = _text(redis.hget(f"{prefix}:job:{job_id}", "status"))
             logger.warning(
                 "job %s was %s without a queue message; enqueued it again",
                 job_id,
-                status,
+                status.value,
                 extra={"job_id": job_id},
             )
     return requeued
