@@ -198,6 +198,7 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
         ("distribution_keep", "distribution_keep"),
         ("inversion_iters", "inversion_iters"),
         ("ti_steps", "textual_inversion_steps"),
+        ("ti_lr", "textual_inversion_lr"),
         ("data_scarce_model", "data_scarce_model"),
         ("assets", "assets_dir"),
         ("generator", "generator_dir"),
@@ -207,6 +208,8 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
             overrides[field] = getattr(args, key)
     if args.no_data_scarce:
         overrides["data_scarce_model"] = None
+    if args.ti_per_class:
+        overrides["textual_inversion_per_class"] = True
     config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genq"
@@ -520,6 +523,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--inversion-iters", type=_positive_int, help="model inversion steps")
     f.add_argument("--ti-steps", type=_positive_int, help="textual inversion steps")
+    f.add_argument("--ti-lr", type=float, help="textual inversion learning rate (5e-3)")
+    f.add_argument(
+        "--ti-per-class",
+        action="store_true",
+        help="textual inversion learns one token per class, not one shared style token",
+    )
     f.add_argument("--ks", help="comma-separated k of the data-scarce block (default 1,5,10)")
     f.add_argument("--data-scarce-model", help="the shifted target (default resnet_shifted)")
     f.add_argument("--data-scarce-settings", help="comma-separated settings of that block")
@@ -700,6 +709,8 @@ _BENCH_FASHION_OPTIONS = (
     "distribution_keep",
     "inversion_iters",
     "ti_steps",
+    "ti_lr",
+    "ti_per_class",
     "ks",
     "data_scarce_model",
     "data_scarce_settings",

@@ -84,7 +84,12 @@ from genq_core.generate import (
     load_generator,
     load_images,
 )
-from genq_core.inversion import TextualInversionConfig, apply_tokens, learn_tokens
+from genq_core.inversion import (
+    TextualInversionConfig,
+    apply_tokens,
+    class_tokens,
+    learn_tokens,
+)
 from genq_core.quant import PRESETS, QuantConfig, ReconstructionConfig, quantize_model
 from genq_core.storage import LocalStorage
 
@@ -224,6 +229,9 @@ class BenchConfig:
         data_scarce_settings: bit settings of the data-scarce block.
         data_scarce_seeds: seeds of the data-scarce block (``None``: the same as ``seeds``).
         textual_inversion_steps: steps of textual inversion in the data-scarce block.
+        textual_inversion_lr: learning rate of the learned token rows.
+        textual_inversion_per_class: also learn one token per class (it takes the style token's
+            place in that class's prompts) instead of one shared style token only.
         test_images: evaluate on the first N test images only (``None``: all 10k).
         assets_dir: folder with ``classifiers.json``, the weights and the generator.
         generator_dir: the generator's ``save_pretrained`` folder (default
@@ -249,6 +257,8 @@ class BenchConfig:
     data_scarce_settings: tuple[Setting, ...] = ((4, 4, 8), (2, 4, 8))
     data_scarce_seeds: tuple[int, ...] | None = None
     textual_inversion_steps: int = 500
+    textual_inversion_lr: float = 5e-3
+    textual_inversion_per_class: bool = False
     test_images: int | None = None
     assets_dir: str = "benchmarks/assets"
     generator_dir: str | None = None
@@ -296,6 +306,11 @@ class BenchConfig:
         for name in ("energy_keep", "distribution_keep"):
             value = getattr(self, name)
             _check(_is_number(value) and 0 < value <= 1, name, value, "must be in (0, 1]")
+        value = self.textual_inversion_lr
+        ok = _is_number(value) and 0 < value < math.inf
+        _check(ok, "textual_inversion_lr", value, "must be a finite number > 0")
+        value = self.textual_inversion_per_class
+        _check(isinstance(value, bool), "textual_inversion_per_class", value, "must be a bool")
         ok = _is_number(self.guidance_scale) and 0 <= self.guidance_scale < math.inf
         _check(ok, "guidance_scale", self.guidance_scale, "must be a finite number >= 0")
         for k in self.data_scarce_ks:
@@ -1123,6 +1138,8 @@ class _Bench:
             "k": k,
             "shifted": shifted,
             "ti_steps": config.textual_inversion_steps,
+            "ti_lr": config.textual_inversion_lr,
+            "ti_per_class": config.textual_inversion_per_class,
             "templates": DATA_SCARCE_TEMPLATES,
         }
 
@@ -1195,26 +1212,31 @@ class _Bench:
         # a fresh pipeline every time: textual inversion adds tokens to the one it is given
         pipe: Any = load_generator(config.generator_path, self.device, scheduler="ddim")
         style_token = None
+        per_class: dict[str, str] = {}
         templates = DEFAULT_TEMPLATES
         if style is not None:
             clock = time.perf_counter()
             kshot_images, kshot_labels = style
+            inversion = TextualInversionConfig(
+                steps=config.textual_inversion_steps,
+                lr=config.textual_inversion_lr,
+                style_token=STYLE_TOKEN,
+                per_class_tokens=config.textual_inversion_per_class,
+                captions=DATA_SCARCE_TEMPLATES,
+                seed=seed,
+            )
             tokens = learn_tokens(
                 pipe,
                 kshot_images,
                 kshot_labels,
                 CLASS_NAMES,
-                TextualInversionConfig(
-                    steps=config.textual_inversion_steps,
-                    style_token=STYLE_TOKEN,
-                    captions=DATA_SCARCE_TEMPLATES,
-                    seed=seed,
-                ),
+                inversion,
                 device=self.device,
                 on_progress=_StageLog(f"{label}: textual inversion"),
             )
             apply_tokens(pipe, tokens)
             style_token, templates = STYLE_TOKEN, DATA_SCARCE_TEMPLATES
+            per_class = class_tokens(CLASS_NAMES, inversion)
             detail["textual_inversion"] = time.perf_counter() - clock
         generation = GenerationConfig(
             num_per_class=config.pool_per_class,
@@ -1233,6 +1255,7 @@ class _Bench:
             generation.adjectives,
             generation.seed,
             style_token=style_token,
+            class_tokens=per_class or None,
         )
         clock = time.perf_counter()
         records = generate_images(
@@ -1675,12 +1698,18 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
     ks = config.data_scarce_ks
     rows = {(r["preset"], r["setting"], r["row"], r["k"]): r for r in scarce["rows"]}
     domain = "shifted" if scarce["shifted"] else "original (no shifted target available)"
+    tokens = (
+        "one token per class"
+        if config.textual_inversion_per_class
+        else "one style token shared by all classes"
+    )
     lines = [
         f"### Data-scarce: {scarce['model']} ({domain} domain; float top-1 "
         f"{scarce['float_top1']:.2f}% on its test set)",
         "",
         "k real images per class come from the split's k-shot pool (seeded, nested in k); textual "
-        f"inversion learns one style token on them ({config.textual_inversion_steps} steps); "
+        f"inversion learns {tokens} on them ({config.textual_inversion_steps} steps, "
+        f"lr {config.textual_inversion_lr:g}); "
         "GenQ rows use the same pool size and filters as the main table. Top-1 (%), mean ± std "
         f"over seeds {list(config.scarce_seeds)}.",
     ]

@@ -200,6 +200,7 @@ def test_rerun_through_the_cli_reuses_everything(
             "--ks", "1",
             "--data-scarce-settings", "W4A4",
             "--ti-steps", "2",
+            "--ti-lr", str(tiny_config.textual_inversion_lr),
             "--data-scarce-seeds", "0",
             "--test-images", "200",
             "--assets", tiny_config.assets_dir,
@@ -219,7 +220,28 @@ def test_rerun_through_the_cli_reuses_everything(
     assert again["config"]["data_scarce_seeds"] == [0]
     assert "--data-scarce-seeds 0" in again["command"]
     assert f"--energy-keep {tiny_config.energy_keep}" in again["command"]
+    assert f"--ti-lr {tiny_config.textual_inversion_lr}" in again["command"]
+    assert again["config"]["textual_inversion_per_class"] is False
     assert "| W4A4 |" in capsys.readouterr().out
+
+
+def test_per_class_textual_inversion_prompts_each_class_with_its_own_token(
+    tiny_config: fb.BenchConfig, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        tiny_config, textual_inversion_per_class=True, textual_inversion_lr=1e-3
+    )
+    bench = fb._Bench(config, tmp_path / "work", torch.device("cpu"))
+    pool = bench.ti_pool(1, 0, shifted=True)
+    assert pool.labels.shape[0] == config.pool_per_class * fb.NUM_CLASSES
+    (folder,) = (tmp_path / "work" / "pools").iterdir()
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    for record in records:
+        assert f"<genq-class-{record['class_index']}>" in record["prompt"]
+        assert fb.STYLE_TOKEN not in record["prompt"]
+    # the shared-token pool of the same k and seed is a different cache entry
+    shared = fb._Bench(tiny_config, tmp_path / "work", torch.device("cpu"))
+    assert shared.ti_pool(1, 0, shifted=True).fingerprint != pool.fingerprint
 
 
 def test_settings_round_trip() -> None:
@@ -254,6 +276,10 @@ def test_config_checks_and_serialises() -> None:
         fb.BenchConfig(settings=((1, 4, 8),))
     with pytest.raises(ValueError, match="energy_keep"):
         fb.BenchConfig(energy_keep=0.0)
+    with pytest.raises(ValueError, match="textual_inversion_lr"):
+        fb.BenchConfig(textual_inversion_lr=0.0)
+    with pytest.raises(ValueError, match="textual_inversion_per_class"):
+        fb.BenchConfig(textual_inversion_per_class=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown BenchConfig keys"):
         fb.BenchConfig.from_dict({"bogus": 1})
 
