@@ -13,11 +13,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genq_core.align import batchnorm_layers, bn_inputs, bn_loss, eval_mode
 from genq_core.devices import on_device
 from genq_core.progress import Canceled, ProgressFn, StopFn, check_stop
 
@@ -167,7 +167,7 @@ def model_inversion(
         raise ValueError(f"shape must be positive integers like (C, H, W), got {shape!r}")
     if not _is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
-    _batchnorms(model)
+    batchnorm_layers(model, "model inversion")
     target = torch.device(device)
     net = on_device(model, target)
 
@@ -180,7 +180,7 @@ def model_inversion(
     batches = math.ceil(n / config.batch_size)
     total = batches * config.iters
     results = []
-    with _eval_mode(net), _bn_inputs(net) as captured:
+    with eval_mode(net), bn_inputs(net) as captured:
         for b in range(batches):
             chunk = slice(b * config.batch_size, (b + 1) * config.batch_size)
             images = start[chunk].to(target).requires_grad_(True)
@@ -195,7 +195,7 @@ def model_inversion(
                 )
                 captured.clear()
                 logits = net(images)
-                loss = config.bn_weight * _bn_loss(captured)
+                loss = config.bn_weight * bn_loss(captured)
                 if config.ce_weight > 0:
                     loss = loss + config.ce_weight * F.cross_entropy(logits, batch_labels)
                 if config.tv_weight > 0:
@@ -231,11 +231,11 @@ def bn_statistics_loss(model: nn.Module, images: torch.Tensor) -> float:
     Raises:
         ValueError: the model has no BatchNorm layers with running statistics.
     """
-    _batchnorms(model)
-    with torch.no_grad(), _eval_mode(model), _bn_inputs(model) as captured:
+    batchnorm_layers(model, "the BN-statistics loss")
+    with torch.no_grad(), eval_mode(model), bn_inputs(model) as captured:
         param = next(model.parameters(), None)
         model(images.to(param.device) if param is not None else images)
-        return float(_bn_loss(captured))
+        return float(bn_loss(captured))
 
 
 @dataclass(frozen=True)
@@ -316,67 +316,6 @@ def _per_channel(name: str, value: float | Sequence[float], dims: tuple[int, ...
     if values.numel() != dims[0]:
         raise ValueError(f"{name} needs 1 or {dims[0]} values (one per channel), got {len(values)}")
     return values.view(-1, *([1] * (len(dims) - 1)))
-
-
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and m.running_mean is not None
-        and m.running_var is not None
-    ]
-    if not layers:
-        raise ValueError(
-            f"model inversion needs BatchNorm layers with running statistics; "
-            f"{type(model).__name__} has none (use generated data or noise for this model)"
-        )
-    return layers
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _bn_inputs(
-    model: nn.Module,
-) -> Iterator[list[tuple[torch.Tensor, nn.modules.batchnorm._BatchNorm]]]:
-    """Collect ``(input, layer)`` of every BatchNorm forward while active; hooks removed after."""
-    captured: list[tuple[torch.Tensor, nn.modules.batchnorm._BatchNorm]] = []
-
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-        captured.append((args[0], module))
-
-    handles = [layer.register_forward_pre_hook(hook) for layer in _batchnorms(model)]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _bn_loss(captured: list[tuple[torch.Tensor, nn.modules.batchnorm._BatchNorm]]) -> torch.Tensor:
-    if not captured:
-        raise ValueError("no BatchNorm layer ran in the forward pass")
-    total = torch.zeros((), device=captured[0][0].device)
-    for inputs, layer in captured:
-        assert layer.running_mean is not None and layer.running_var is not None
-        dims = [d for d in range(inputs.dim()) if d != 1]
-        mean = inputs.float().mean(dims)
-        std = torch.sqrt(inputs.float().var(dims, unbiased=False) + layer.eps)
-        run_std = torch.sqrt(layer.running_var.float() + layer.eps)
-        total = total + torch.linalg.vector_norm(mean - layer.running_mean.float())
-        total = total + torch.linalg.vector_norm(std - run_std)
-    return total
 
 
 def _total_variation(images: torch.Tensor) -> torch.Tensor:

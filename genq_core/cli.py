@@ -132,6 +132,7 @@ def quantize_command(args: argparse.Namespace) -> int:
         max_calibration_images=args.num_calib,
         seed=args.seed,
         reconstruction=ReconstructionConfig(iters=args.iters, batch_size=args.batch_size),
+        bn_align_iters=args.bn_align_iters,
     )
     if args.onnx and not (args.weight_bits == args.act_bits == 8):
         raise ValueError("--onnx needs --weight-bits 8 --act-bits 8 (ONNX QDQ is 8-bit)")
@@ -484,6 +485,13 @@ def _parser() -> argparse.ArgumentParser:
     quant.add_argument("--iters", type=_positive_int, default=_RECONSTRUCTION_ITERS)
     quant.add_argument("--batch-size", type=_positive_int, default=_RECONSTRUCTION_BATCH_SIZE)
     quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument(
+        "--bn-align-iters",
+        type=_non_negative_int,
+        default=0,
+        help="steps that pull synthetic calibration images towards the model's BatchNorm "
+        "statistics first (0: off; 50 on the reference benchmark)",
+    )
     quant.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     quant.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     out = q.add_argument_group("output")
@@ -890,6 +898,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

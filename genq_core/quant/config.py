@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,6 +104,11 @@ class QuantConfig:
         max_calibration_images: calibration images used (the first ones), ``None`` for all.
         seed: seeds calibration sampling and reconstruction.
         reconstruction: used by the learned presets.
+        bn_align_iters: before anything else, Adam steps per batch that pull the calibration
+            images towards the float model's BatchNorm statistics
+            (:func:`genq_core.align.align_to_bn_statistics`); 0 leaves them as given. Meant for
+            synthetic images; needs a model with BatchNorm.
+        bn_align_lr: learning rate of that alignment (normalised pixel space).
     """
 
     weight_bits: int = 4
@@ -117,6 +123,8 @@ class QuantConfig:
     max_calibration_images: int | None = 1024
     seed: int = 0
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    bn_align_iters: int = 0
+    bn_align_lr: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits", "first_last_bits"):
@@ -137,6 +145,14 @@ class QuantConfig:
                 self.max_calibration_images,
                 "must be >= 1 or None",
             )
+        ok = (
+            isinstance(self.bn_align_iters, int)
+            and not isinstance(self.bn_align_iters, bool)
+            and self.bn_align_iters >= 0
+        )
+        _check(ok, "bn_align_iters", self.bn_align_iters, "must be an integer >= 0")
+        ok = isinstance(self.bn_align_lr, int | float) and 0 < self.bn_align_lr < math.inf
+        _check(ok, "bn_align_lr", self.bn_align_lr, "must be a finite number > 0")
         if not isinstance(self.reconstruction, ReconstructionConfig):
             raise ValueError(
                 "reconstruction must be a ReconstructionConfig, got "

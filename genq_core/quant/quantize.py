@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from genq_core.align import AlignCanceled, AlignConfig, align_to_bn_statistics, batchnorm_layers
 from genq_core.devices import on_device
 from genq_core.quant.calibration import ActivationObserver
 from genq_core.quant.config import QuantConfig
@@ -41,8 +42,8 @@ def quantize_model(
             of ``(images, labels)`` tuples, labels ignored). The first
             ``config.max_calibration_images`` are used.
         device: where calibration and reconstruction run (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-        on_progress: called as ``on_progress(stage, done, total)`` with stages ``"calibrate"``
-            and ``"reconstruct"``.
+        on_progress: called as ``on_progress(stage, done, total)`` with stages ``"bn_align"``
+            (only with ``config.bn_align_iters``), ``"calibrate"`` and ``"reconstruct"``.
         should_stop: polled between batches and blocks; returning True raises
             :class:`QuantizationCanceled`.
 
@@ -51,7 +52,8 @@ def quantize_model(
         fake-quantized.
 
     Raises:
-        ValueError: empty or non-finite calibration data, or a model that cannot be prepared.
+        ValueError: empty or non-finite calibration data, a model that cannot be prepared, or
+            ``config.bn_align_iters`` with a model without BatchNorm.
         UnsupportedModuleError: a module with weights the quantizer does not handle (named).
         QuantizationCanceled: ``should_stop()`` returned True.
     """
@@ -61,14 +63,32 @@ def quantize_model(
     target = torch.device(device)
     images = collect_images(calibration_data, config.max_calibration_images).to(target)
 
-    # 2. copy, fold BatchNorm, swap in quantizers
+    # 2. optionally, pull the images towards the float model's BatchNorm statistics
+    if config.bn_align_iters > 0:
+        batchnorm_layers(model, f"bn_align_iters={config.bn_align_iters}")
+        align = AlignConfig(
+            iters=config.bn_align_iters, lr=config.bn_align_lr, batch_size=config.batch_size
+        )
+        try:
+            images = align_to_bn_statistics(
+                model,
+                images,
+                align,
+                device=target,
+                on_progress=on_progress,
+                should_stop=should_stop,
+            ).to(target)
+        except AlignCanceled as canceled:
+            raise QuantizationCanceled(str(canceled)) from canceled
+
+    # 3. copy, fold BatchNorm, swap in quantizers
     source = on_device(model, target)  # prepare_model copies again; the caller's stays put
     qmodel = prepare_model(source, config, images[:2]).to(target)
 
-    # 3. range calibration of weights and activations
+    # 4. range calibration of weights and activations
     calibrate(qmodel, images, on_progress=on_progress, should_stop=should_stop)
 
-    # 4. learned rounding and step sizes, layer by layer or block by block
+    # 5. learned rounding and step sizes, layer by layer or block by block
     if config.preset_spec.granularity is not None:
         reconstruct(qmodel, images, config, target, on_progress, should_stop)
     qmodel.set_quant_state(weights=True, activations=True)

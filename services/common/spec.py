@@ -227,6 +227,13 @@ class QuantSpec(_Spec):
     preset: Literal["minmax", "percentile", "mse", "adaround", "brecq", "qdrop"] = "qdrop"
     iters: int = Field(default=2000, ge=1)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    bn_align_iters: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="steps that pull the calibration images towards the model's BatchNorm "
+        "statistics before quantizing (0: off; BatchNorm models only)",
+    )
 
 
 class EvaluationSpec(_Spec):

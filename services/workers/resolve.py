@@ -477,6 +477,7 @@ def _quant_config(quant: spec.QuantSpec, calibration: spec.CalibrationSpec) -> Q
             seed=quant.seed,
             max_calibration_images=calibration.num_images,
             reconstruction=ReconstructionConfig(iters=quant.iters),
+            bn_align_iters=quant.bn_align_iters,
         ),
     )
 

@@ -816,6 +816,7 @@ _PROGRESS_STAGES: dict[str, Stage] = {
     "invert": Stage.INVERTING,
     "generate": Stage.GENERATING,
     "filter": Stage.FILTERING,
+    "bn_align": Stage.QUANTIZING,
     "calibrate": Stage.QUANTIZING,
     "reconstruct": Stage.QUANTIZING,
     "evaluate": Stage.EVALUATING,

@@ -131,6 +131,10 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
     distances = {s: report["sources"]["bn_cnn"][s]["bn_distance"] for s in fb.SOURCES}
     assert all(isinstance(d, float) and d >= 0.0 for d in distances.values())
     assert distances["noise"] > distances["real"]
+    assert distances["genq_aligned"] < 0.8 * distances["genq"]  # what alignment lowers
+    sources = report["sources"]["bn_cnn"]
+    assert sources["genq_aligned"]["by_seed"][0]["detail"]["bn_align"] > 0.0
+    assert sources["genq_aligned"]["seconds_per_1000"] > sources["genq"]["seconds_per_1000"]
     assert all(isinstance(report["sources"]["bn_cnn"][s]["mean_energy"], float) for s in fb.SOURCES)
 
     # the data-scarce block on the shifted target from the manifest

@@ -26,8 +26,22 @@ def test_bad_reconstruction_values_named(field: str, value: object) -> None:
         ReconstructionConfig(**{field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("bn_align_iters", -1), ("bn_align_iters", True), ("bn_align_lr", 0.0), ("bn_align_lr", "x")],
+)
+def test_bad_bn_alignment_values_named(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**{field: value})  # type: ignore[arg-type]
+
+
 def test_dict_round_trip_and_unknown_keys() -> None:
-    config = QuantConfig(weight_bits=2, preset="brecq", reconstruction=ReconstructionConfig.cheap())
+    config = QuantConfig(
+        weight_bits=2,
+        preset="brecq",
+        reconstruction=ReconstructionConfig.cheap(),
+        bn_align_iters=50,
+    )
     assert QuantConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown QuantConfig keys: \\['wbits'\\]"):
         QuantConfig.from_dict({"wbits": 4})

@@ -142,3 +142,35 @@ def test_silu_gelu_and_pooling_model() -> None:
     x = torch.randn(32, 3, 16, 16)
     qmodel = quantize_model(model, QuantConfig(weight_bits=8, act_bits=8, preset="mse"), x)
     assert output_sqnr(model, qmodel, x) > 25.0
+
+
+def test_bn_alignment_runs_first_and_changes_the_calibration(
+    tiny_resnet: nn.Module, images: torch.Tensor
+) -> None:
+    events: list[tuple[str, int, int]] = []
+    plain = QuantConfig(weight_bits=4, act_bits=4, preset="minmax", batch_size=32)
+    aligned = QuantConfig(
+        weight_bits=4, act_bits=4, preset="minmax", batch_size=32, bn_align_iters=3
+    )
+    first = quantize_model(tiny_resnet, plain, images)
+    second = quantize_model(tiny_resnet, aligned, images, on_progress=lambda *e: events.append(e))
+    stages = list(dict.fromkeys(stage for stage, _, _ in events))
+    assert stages == ["bn_align", "calibrate"]
+    assert [e for e in events if e[0] == "bn_align"][-1] == ("bn_align", 6, 6)  # 2 batches x 3
+    with torch.no_grad():
+        assert not torch.equal(first(images), second(images))
+
+
+def test_bn_alignment_needs_batchnorm_and_can_be_canceled(
+    tiny_resnet: nn.Module, images: torch.Tensor
+) -> None:
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 2))
+    with pytest.raises(ValueError, match="bn_align_iters=2 needs BatchNorm"):
+        quantize_model(plain, QuantConfig(preset="minmax", bn_align_iters=2), images)
+    with pytest.raises(QuantizationCanceled, match="BN alignment"):
+        quantize_model(
+            tiny_resnet,
+            QuantConfig(preset="minmax", bn_align_iters=2),
+            images,
+            should_stop=lambda: True,
+        )

@@ -65,6 +65,9 @@ def test_errors_name_the_field() -> None:
     assert ("genq", "model") in error_fields({"kind": "genq"})
     bad_template = {"kind": "genq", "model": MODEL, "generation": {"templates": ["a photo"]}}
     assert error_fields(bad_template) == [("genq", "generation", "templates")]
+    assert error_fields({"kind": "genq", "model": MODEL, "quant": {"bn_align_iters": -1}}) == [
+        ("genq", "quant", "bn_align_iters")
+    ]
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ def test_hub_models_pass_through_and_the_quantizer_takes_the_request_settings(
         "model": {"source": "timm", "name": "resnet18.a1_in1k"},
         "generator": {"source": "hub", "name": "stabilityai/sd-turbo"},
         "calibration": {"num_images": 256},
-        "quant": {"weight_bits": 2, "iters": 7},
+        "quant": {"weight_bits": 2, "iters": 7, "bn_align_iters": 50},
     }
     resolved = resolve_job(record(body), store, storages, settings)
     assert resolved.config.classifier.source == "timm"
@@ -114,6 +114,7 @@ def test_hub_models_pass_through_and_the_quantizer_takes_the_request_settings(
     assert resolved.config.quant is not None
     assert resolved.config.quant.max_calibration_images == 256
     assert resolved.config.quant.reconstruction.iters == 7
+    assert resolved.config.quant.bn_align_iters == 50
     assert resolved.fingerprint == spec.generation_fingerprint(
         spec.GenqJobRequest.model_validate(body)
     )
