@@ -198,6 +198,7 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
         ("energy_keep", "energy_keep"),
         ("distribution_keep", "distribution_keep"),
         ("inversion_iters", "inversion_iters"),
+        ("bn_align_iters", "bn_align_iters"),
         ("ti_steps", "textual_inversion_steps"),
         ("ti_lr", "textual_inversion_lr"),
         ("data_scarce_model", "data_scarce_model"),
@@ -530,6 +531,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fraction the distribution filter then keeps (0.8); the pool grows to match",
     )
     f.add_argument("--inversion-iters", type=_positive_int, help="model inversion steps")
+    f.add_argument(
+        "--bn-align-iters", type=_positive_int, help="BN alignment steps of genq_aligned (50)"
+    )
     f.add_argument("--ti-steps", type=_positive_int, help="textual inversion steps")
     f.add_argument("--ti-lr", type=float, help="textual inversion learning rate (5e-3)")
     f.add_argument(
@@ -716,6 +720,7 @@ _BENCH_FASHION_OPTIONS = (
     "energy_keep",
     "distribution_keep",
     "inversion_iters",
+    "bn_align_iters",
     "ti_steps",
     "ti_lr",
     "ti_per_class",

@@ -569,9 +569,13 @@ def markdown_tables(report: dict[str, Any]) -> str:
         f"Generated pool: {config.pool_per_class} images per class (guidance "
         f"{config.guidance_scale:g}, {config.steps} DDIM steps), filters keep "
         f"{config.energy_keep:g} (energy) then {config.distribution_keep:g} (distribution) per "
-        f"class; each filter alone keeps {config.kept_fraction:g} of the same pool. "
-        f"GenQ + BN alignment: the GenQ set after {config.bn_align_iters} steps of BN alignment "
-        "(`genq_core.align`).",
+        f"class; each filter alone keeps {config.kept_fraction:g} of the same pool."
+        + (
+            f" GenQ + BN alignment: the GenQ set after {config.bn_align_iters} steps of BN "
+            "alignment (`genq_core.align`)."
+            if "genq_aligned" in config.sources
+            else ""
+        ),
     ]
     for model, info in report["models"].items():
         for preset in config.presets:
@@ -1184,10 +1188,13 @@ class _Bench:
             "k": k,
             "shifted": shifted,
             "ti_steps": config.textual_inversion_steps,
-            "ti_lr": config.textual_inversion_lr,
-            "ti_per_class": config.textual_inversion_per_class,
             "templates": DATA_SCARCE_TEMPLATES,
         }
+        # named only when not at their first defaults, so pools made before they existed still match
+        if config.textual_inversion_lr != 5e-3:
+            parts["ti_lr"] = config.textual_inversion_lr
+        if config.textual_inversion_per_class:
+            parts["ti_per_class"] = True
 
         def make(storage: LocalStorage) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
             images = self.data.kshot_pil(k, seed, shifted)

@@ -205,6 +205,7 @@ def test_rerun_through_the_cli_reuses_everything(
             "--data-scarce-settings", "W4A4",
             "--ti-steps", "2",
             "--ti-lr", str(tiny_config.textual_inversion_lr),
+            "--bn-align-iters", str(tiny_config.bn_align_iters),
             "--data-scarce-seeds", "0",
             "--test-images", "200",
             "--assets", tiny_config.assets_dir,
@@ -225,6 +226,7 @@ def test_rerun_through_the_cli_reuses_everything(
     assert "--data-scarce-seeds 0" in again["command"]
     assert f"--energy-keep {tiny_config.energy_keep}" in again["command"]
     assert f"--ti-lr {tiny_config.textual_inversion_lr}" in again["command"]
+    assert f"--bn-align-iters {tiny_config.bn_align_iters}" in again["command"]
     assert again["config"]["textual_inversion_per_class"] is False
     assert "| W4A4 |" in capsys.readouterr().out
 
