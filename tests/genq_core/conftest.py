@@ -45,3 +45,12 @@ def bn_model() -> TinyBNNet:
         for _ in range(4):
             model(0.5 * torch.randn((32, *SHAPE), generator=gen) + offset)
     return model.eval()
+
+
+def assert_untouched(model: nn.Module, state: dict[str, torch.Tensor], training: bool) -> None:
+    """The caller's model is as it was: weights, running statistics, mode, gradients, hooks."""
+    assert model.training == training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_pre_hooks for m in model.modules())

@@ -6,7 +6,7 @@ from torch import nn
 
 from genq_core.align import AlignCanceled, AlignConfig, align_to_bn_statistics
 from genq_core.baselines import bn_statistics_loss
-from tests.genq_core.conftest import SHAPE, TinyBNNet
+from tests.genq_core.conftest import SHAPE, TinyBNNet, assert_untouched
 
 FAST = AlignConfig(iters=40, lr=0.1, batch_size=4)
 
@@ -32,12 +32,7 @@ def test_alignment_lowers_the_bn_statistics_loss_and_leaves_the_model(
         before = bn_statistics_loss(bn_model, images[batch])
         after = bn_statistics_loss(bn_model, aligned[batch])
         assert after < 0.2 * before, (before, after)
-    # the caller's model is untouched: weights, running statistics, mode, gradients, hooks
-    assert bn_model.training
-    for name, value in bn_model.state_dict().items():
-        assert torch.equal(value, state[name]), name
-    assert all(p.grad is None for p in bn_model.parameters())
-    assert all(not m._forward_pre_hooks for m in bn_model.modules())
+    assert_untouched(bn_model, state, training=True)
 
 
 def test_alignment_keeps_each_image_in_its_class(bn_model: TinyBNNet) -> None:

@@ -13,7 +13,7 @@ from genq_core.baselines import (
     model_inversion,
     timed,
 )
-from tests.genq_core.conftest import SHAPE, TinyBNNet
+from tests.genq_core.conftest import SHAPE, TinyBNNet, assert_untouched
 
 FAST = ModelInversionConfig(iters=40, lr=0.1, batch_size=4, seed=0)
 
@@ -66,12 +66,7 @@ def test_model_inversion_lowers_the_bn_statistics_loss(bn_model: TinyBNNet) -> N
         before = bn_statistics_loss(bn_model, start[batch])
         after = bn_statistics_loss(bn_model, images[batch])
         assert after < 0.1 * before, (before, after)
-    # the caller's model is untouched: weights, running statistics, mode, gradients, hooks
-    assert bn_model.training
-    for name, value in bn_model.state_dict().items():
-        assert torch.equal(value, state[name]), name
-    assert all(p.grad is None for p in bn_model.parameters())
-    assert all(not m._forward_pre_hooks for m in bn_model.modules())
+    assert_untouched(bn_model, state, training=True)
 
 
 def test_model_inversion_is_deterministic_and_pulls_towards_targets(bn_model: TinyBNNet) -> None:
