@@ -17,19 +17,12 @@ import torch
 from greedy_bn_selection import pool_guidance  # the sibling script (run as a script)
 from safetensors.torch import load_file
 
+from genq_core.bench.classifiers import evaluate_top1
 from genq_core.bench.fashion_bench import BenchConfig, _load_classifier
 from genq_core.bench.fashion_mnist import CLASS_NAMES
 from genq_core.filters import FilterConfig, apply_filters
-from genq_core.filters._common import evaluating
 
 GUIDANCES = (5.0, 1.5)
-
-
-def agreement(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Percent of ``images`` the float model classifies as their ``labels``."""
-    with evaluating(model, "cpu") as net, torch.no_grad():
-        predicted = torch.cat([net(batch).argmax(1) for batch in images.split(256)])
-    return 100.0 * float((predicted == labels).float().mean())
 
 
 def main() -> None:
@@ -52,17 +45,17 @@ def main() -> None:
                 images, labels = tensors["images"], tensors["labels"]
                 if len(images) != 640 or pool_guidance(path) != guidance:
                     continue
-                row = [agreement(model, images, labels)]
+                row = [evaluate_top1(model, images, labels)]
                 final = None
                 for name, make in settings.items():
                     report = apply_filters(
                         model, images, labels, make(seed), class_names=CLASS_NAMES, device="cpu"
                     )
-                    row.append(agreement(model, images[report.final], labels[report.final]))
+                    row.append(evaluate_top1(model, images[report.final], labels[report.final]))
                     if name == "genq":
                         final = report.final
                 assert final is not None
-                row.append(agreement(model, images[~final], labels[~final]))
+                row.append(evaluate_top1(model, images[~final], labels[~final]))
                 print(f"{guidance:g} {seed} " + " ".join(f"{v:.1f}" for v in row), flush=True)
 
 

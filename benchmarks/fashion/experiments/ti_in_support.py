@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from genq_core.bench.classifiers import shift_images
+from genq_core.bench.classifiers import evaluate_top1, shift_images
 from genq_core.bench.fashion_bench import (
     DATA_SCARCE_TEMPLATES,
     STYLE_TOKEN,
@@ -83,9 +83,7 @@ def measures(images: list[Image.Image], classifier: torch.nn.Module, pipe: Any) 
     transform = _generated_preprocessing(pipe).transform()
     per_class = len(images) // len(CLASS_NAMES)
     labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(per_class)
-    with torch.no_grad():
-        predicted = classifier(torch.stack([transform(i) for i in images])).argmax(1)
-    agree = 100.0 * float((predicted == labels).float().mean())
+    agree = evaluate_top1(classifier, torch.stack([transform(i) for i in images]), labels)
     return f"agreement {agree:5.1f}%  foreground {foreground:.3f}  border {border:.3f}"
 
 
