@@ -1,13 +1,15 @@
 """Train the reference benchmark's float classifiers on Fashion-MNIST, deterministically.
 
-Three models, each trained only on the classifier part of the fixed split
+Four models, each trained only on the classifier part of the fixed split
 (``split_train_indices(train_labels, seed=0).classifier``, ~30k images) and evaluated on the
 10k test set:
 
 - ``resnet``: the BatchNorm CNN (``small_resnet_fmnist``, ``RESNET_RECIPE``);
 - ``vit``: the vision transformer without BatchNorm (``vit_fmnist``, ``VIT_RECIPE``);
 - ``resnet_shifted``: the data-scarce experiment's domain-shifted target, the BatchNorm CNN
-  trained and tested on ``shift_images`` of the same images (``SHIFTED_RESNET_RECIPE``).
+  trained and tested on ``shift_images`` of the same images (``SHIFTED_RESNET_RECIPE``);
+- ``resnet_dark``: the BatchNorm CNN trained and tested on ``darken_images`` of the same images
+  (``RESNET_RECIPE``), a shifted target whose look the generator can be steered to.
 
 Weights go to ``<out>/fmnist_<model>.safetensors``; ``<out>/classifiers.json`` gets one entry
 per model (builder, parameters, test top-1, training seconds, recipe, sha256), updated under a
@@ -17,6 +19,7 @@ the same machine, torch version and ``--threads`` give the same weights (and che
     python benchmarks/fashion/train_classifiers.py --only resnet         # ~22 min, one core
     python benchmarks/fashion/train_classifiers.py --only vit            # ~25 min
     python benchmarks/fashion/train_classifiers.py --only resnet_shifted # ~22 min
+    python benchmarks/fashion/train_classifiers.py --only resnet_dark    # ~22 min
     python benchmarks/fashion/train_classifiers.py --only vit --epochs 1 --limit 2000 \\
         --test-limit 1000 --out /tmp/fmnist-smoke                        # smoke test, < 1 min
 """
@@ -44,6 +47,7 @@ from safetensors.torch import save_file
 
 from genq_core.bench.classifiers import (
     BUILDERS,
+    DARKEN_GAMMA,
     RESNET_RECIPE,
     SHIFT_ROTATION_DEGREES,
     SHIFT_SCALE,
@@ -51,7 +55,7 @@ from genq_core.bench.classifiers import (
     VIT_RECIPE,
     TrainConfig,
     evaluate_top1,
-    shift_images,
+    to_domain,
     train_classifier,
 )
 from genq_core.bench.fashion_mnist import (
@@ -80,20 +84,22 @@ class ModelSpec:
     Attributes:
         builder: a key of ``genq_core.bench.classifiers.BUILDERS``.
         recipe: the training hyper-parameters.
-        shifted: train and test on ``shift_images`` of the images.
+        domain: train and test on the images in this domain (a key of
+            ``genq_core.bench.classifiers.DOMAINS``).
         init_seed: ``torch.manual_seed`` before building, for reproducible initial weights.
     """
 
     builder: str
     recipe: TrainConfig
-    shifted: bool = False
+    domain: str = "original"
     init_seed: int = 0
 
 
 MODELS: dict[str, ModelSpec] = {
     "resnet": ModelSpec("small_resnet_fmnist", RESNET_RECIPE),
     "vit": ModelSpec("vit_fmnist", VIT_RECIPE),
-    "resnet_shifted": ModelSpec("small_resnet_fmnist", SHIFTED_RESNET_RECIPE, shifted=True),
+    "resnet_shifted": ModelSpec("small_resnet_fmnist", SHIFTED_RESNET_RECIPE, domain="shifted"),
+    "resnet_dark": ModelSpec("small_resnet_fmnist", RESNET_RECIPE, domain="dark"),
 }
 
 
@@ -127,25 +133,24 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(spec.init_seed)
         model = BUILDERS[spec.builder]()
         params = sum(p.numel() for p in model.parameters())
-        x_train = data.train_shifted if spec.shifted else data.train
+        x_train = data.train(spec.domain)
         logger.info("%s: %s, %d parameters, recipe %s", name, spec.builder, params, recipe)
         started = time.perf_counter()
         train_classifier(model, x_train, data.train_labels, recipe, on_progress=_progress(name))
         train_seconds = time.perf_counter() - started
 
-        # 3. evaluate on the own domain's test set, and on the other one for contrast
-        x_test, x_other = (
-            (data.test_shifted, data.test) if spec.shifted else (data.test, data.test_shifted)
-        )
+        # 3. evaluate on the own domain's test set, and on another one for contrast
+        other = "shifted" if spec.domain == "original" else "original"
+        x_test = data.test(spec.domain)
         top1 = evaluate_top1(model, x_test, data.test_labels)
-        other_top1 = evaluate_top1(model, x_other, data.test_labels)
+        other_top1 = evaluate_top1(model, data.test(other), data.test_labels)
         logger.info(
             "%s: test top-1 %.2f%% (%s domain; %.2f%% on the %s one), trained in %.0f s",
             name,
             top1,
-            "shifted" if spec.shifted else "original",
+            spec.domain,
             other_top1,
-            "original" if spec.shifted else "shifted",
+            other,
             train_seconds,
         )
 
@@ -159,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
             "sha256": file_sha256(weights),
             "bytes": weights.stat().st_size,
             "params": params,
-            "domain": "shifted" if spec.shifted else "original",
-            "preprocessing": _preprocessing(spec.shifted),
+            "domain": spec.domain,
+            "other_domain": other,
+            "preprocessing": _preprocessing(spec.domain),
             "train_images": int(x_train.shape[0]),
             "train_part": f"split_train_indices(train_labels, seed={SPLIT_SEED}).classifier"
             + (f", first {args.limit} of a seeded permutation" if args.limit else ""),
@@ -184,14 +190,18 @@ def main(argv: list[str] | None = None) -> None:
 
 @dataclass(frozen=True)
 class _Data:
-    """Normalized float images [N, 1, 28, 28] (original and shifted) with int64 labels [N]."""
+    """[0, 1] float images [N, 1, 28, 28] with int64 labels [N]; normalized per domain."""
 
-    train: torch.Tensor
-    train_shifted: torch.Tensor
+    train_pixels: torch.Tensor
     train_labels: torch.Tensor
-    test: torch.Tensor
-    test_shifted: torch.Tensor
+    test_pixels: torch.Tensor
     test_labels: torch.Tensor
+
+    def train(self, domain: str) -> torch.Tensor:
+        return normalize(to_domain(self.train_pixels, domain))
+
+    def test(self, domain: str) -> torch.Tensor:
+        return normalize(to_domain(self.test_pixels, domain))
 
 
 def _load_data(limit: int | None, test_limit: int | None) -> _Data:
@@ -208,16 +218,14 @@ def _load_data(limit: int | None, test_limit: int | None) -> _Data:
     test = to_float_images(test_images)
     logger.info("data: %d training images (classifier part), %d test images", len(part), len(test))
     return _Data(
-        train=normalize(train),
-        train_shifted=normalize(shift_images(train)),
+        train_pixels=train,
         train_labels=train_labels[part],
-        test=normalize(test),
-        test_shifted=normalize(shift_images(test)),
+        test_pixels=test,
         test_labels=test_labels,
     )
 
 
-def _preprocessing(shifted: bool) -> dict[str, Any]:
+def _preprocessing(domain: str) -> dict[str, Any]:
     """How images reach the model, for the manifest."""
     result: dict[str, Any] = {
         "input_size": [1, 28, 28],
@@ -225,7 +233,13 @@ def _preprocessing(shifted: bool) -> dict[str, Any]:
         "mean": list(MEAN),
         "std": list(STD),
     }
-    if shifted:
+    if domain == "dark":
+        result["shift"] = {
+            "function": f"{BUILDER_MODULE}:darken_images",
+            "gamma": DARKEN_GAMMA,
+            "applied": "to the [0, 1] pixels, before normalization",
+        }
+    if domain == "shifted":
         result["shift"] = {
             "function": f"{BUILDER_MODULE}:shift_images",
             "rotation_degrees": SHIFT_ROTATION_DEGREES,

@@ -13,6 +13,9 @@ times, losses, agreement, sha256 of every saved file). Checkpoints and loss file
                                         # UNet steps, ~65 min on 2 idle cores
     python benchmarks/fashion/train_generator.py --threads 2 --resume  # continue a killed run
     python benchmarks/fashion/train_generator.py --eval-only         # re-measure a saved folder
+    python benchmarks/fashion/train_generator.py --init-from benchmarks/assets/fashion-sd \
+        --look-words dark,,bright --unet-lr 1e-4 --unet-minutes 30 --threads 1 \
+        --out benchmarks/assets/fashion-sd-looks   # fine-tune with captions that describe looks
     python benchmarks/fashion/train_generator.py --config tiny.yaml --per-class 10 \\
         --eval-per-class 2 --eval-steps 4 --out /tmp/sd --work-dir /tmp/sd-work   # smoke run
 """
@@ -80,8 +83,16 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if not args.eval_only:
-        # 1. the config: defaults or a file, with the command line's seed and budgets on top
-        config = load_config(GeneratorTrainConfig, args.config) if args.config else None
+        # 1. the config: defaults, a file, or the one --init-from was trained with; the command
+        # line's seed, budgets and captions on top
+        init = _initial_pipeline(args.init_from, args.device) if args.init_from else None
+        config = (
+            load_config(GeneratorTrainConfig, args.config)
+            if args.config
+            else _saved_config(args.init_from)
+            if args.init_from
+            else None
+        )
         config = dataclasses.replace(
             config or GeneratorTrainConfig(),
             seed=args.seed,
@@ -92,22 +103,27 @@ def main(argv: list[str] | None = None) -> None:
         # 2. data: the generator part of the fixed split, never the classifier part or test set
         data = load_generator_data(split_seed=config.split_seed, per_class=args.per_class)
 
-        # 3. the two stages, each resumable from its checkpoint in the work dir
+        # 3. the two stages, each resumable from its checkpoint in the work dir (a fine-tune
+        # keeps --init-from's VAE and starts the second stage from its weights)
         started = time.perf_counter()
-        vae, vae_result = train_vae(
-            data,
-            config,
-            args.work_dir,
-            resume=args.resume,
-            device=args.device,
-            on_progress=_progress(),
-        )
+        if init is None:
+            vae, vae_result = train_vae(
+                data,
+                config,
+                args.work_dir,
+                resume=args.resume,
+                device=args.device,
+                on_progress=_progress(),
+            )
+        else:
+            vae, vae_result = init.vae, None
         pipe, unet_result = train_unet_and_text_encoder(
             vae,
             data,
             config,
             args.work_dir,
             resume=args.resume,
+            init=init,
             device=args.device,
             on_progress=_progress(),
         )
@@ -133,11 +149,16 @@ def main(argv: list[str] | None = None) -> None:
             "train_part": f"split_train_indices(train_labels, seed={config.split_seed}).generator"
             + (f", first {args.per_class} per class" if args.per_class else ""),
             "config": config.to_dict(),
+            "init_from": _init_record(args.init_from) if args.init_from else None,
             "parameters": _parameters(pipe),
             "vae": {
-                **_rounded(dataclasses.asdict(vae_result)),
+                **(
+                    _rounded(dataclasses.asdict(vae_result))
+                    if vae_result is not None
+                    else {"kept_from": _relative(args.init_from)}
+                ),
                 "scaling_factor": float(vae.config["scaling_factor"]),
-                "loss_curve": _loss_curve(args.work_dir / "vae_loss.csv"),
+                "loss_curve": _loss_curve(args.work_dir / "vae_loss.csv") if vae_result else [],
             },
             "unet_and_text_encoder": {
                 **_rounded(dataclasses.asdict(unet_result)),
@@ -194,14 +215,42 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The budgets given on the command line (``None``: keep the config's)."""
+    """The fields given on the command line (``None``: keep the config's)."""
     pairs = {
         "vae_steps": args.vae_steps,
         "vae_minutes": args.vae_minutes,
         "unet_steps": args.unet_steps,
         "unet_minutes": args.unet_minutes,
+        "unet_lr": args.unet_lr,
+        "look_words": args.look_words,
     }
     return {name: value for name, value in pairs.items() if value is not None}
+
+
+def _initial_pipeline(folder: Path, device: str) -> StableDiffusionPipeline:
+    """The saved generator a fine-tune starts from, in fp32."""
+    pipe = load_generator(folder, device=device, dtype=torch.float32)
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise SystemExit(f"{folder} holds a {type(pipe).__name__}, not a StableDiffusionPipeline")
+    return pipe
+
+
+def _saved_config(folder: Path) -> GeneratorTrainConfig:
+    """The config ``folder`` was trained with, from the report next to it."""
+    report = folder.resolve().with_name(folder.resolve().name + ".json")
+    if not report.is_file():
+        raise SystemExit(f"--init-from {folder}: no {report} with its config; pass --config")
+    return GeneratorTrainConfig.from_dict(json.loads(report.read_text())["config"])
+
+
+def _init_record(folder: Path) -> dict[str, Any]:
+    """Which weights a fine-tune started from: the folder and its files' checksums."""
+    return {"pipeline": _relative(folder), "files": _checksums(folder.resolve())}
+
+
+def _look_words(text: str) -> tuple[str, ...]:
+    """``dark,,bright`` -> ``("dark", "", "bright")``; empty text: no look words."""
+    return tuple(word.strip() for word in text.split(",")) if text.strip() else ()
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +384,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-minutes", type=_positive_float, help="VAE wall-clock budget")
     parser.add_argument("--unet-steps", type=_positive_int, help="most UNet steps")
     parser.add_argument("--unet-minutes", type=_positive_float, help="UNet wall-clock budget")
+    parser.add_argument("--unet-lr", type=_positive_float, help="peak UNet + text encoder lr")
+    parser.add_argument(
+        "--look-words",
+        type=_look_words,
+        help="comma-separated words describing each image's brightness within its class, "
+        "darkest first, empty for none (e.g. dark,,bright; see GeneratorTrainConfig.look_words)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="fine-tune this saved generator: keep its VAE, start the UNet and text encoder "
+        "from its weights (config from <folder>.json unless --config)",
+    )
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(

@@ -11,10 +11,12 @@ Fashion-MNIST test set:
 * ``inversion``: model inversion of the BatchNorm statistics (models with BatchNorm only);
 * ``noise``: Gaussian noise in the classifier's normalised input space.
 
-The data-scarce block quantizes the domain-shifted target (a classifier trained on
-:func:`~genq_core.bench.classifiers.shift_images` of its data) with GenQ images generated after
-textual inversion on k real shifted images per class, with GenQ images from plain prompts, and
-with the k real images per class alone, and evaluates it on the shifted test set.
+The data-scarce block quantizes a domain-shifted target (a classifier trained on its data in
+another :data:`~genq_core.bench.classifiers.DOMAINS` entry: ``resnet_shifted`` on
+:func:`~genq_core.bench.classifiers.shift_images`, ``resnet_dark`` on
+:func:`~genq_core.bench.classifiers.darken_images`) with GenQ images generated after textual
+inversion on k real images per class of that domain, with GenQ images from plain prompts, and with
+the k real images per class alone, and evaluates it on the test set in that domain.
 
 Everything expensive is cached under the work directory: the generated pools once per seed
 (shared by every model), each calibration set once per (model, source, seed), and the result of
@@ -54,7 +56,7 @@ from torch import nn
 import genq_core
 from genq_core.align import AlignConfig, align_to_bn_statistics
 from genq_core.baselines import ModelInversionConfig, gaussian_noise, model_inversion
-from genq_core.bench.classifiers import BUILDERS, BNConvNet, evaluate_top1, shift_images
+from genq_core.bench.classifiers import BUILDERS, DOMAINS, BNConvNet, evaluate_top1, to_domain
 from genq_core.bench.fashion_mnist import (
     CLASS_NAMES,
     MEAN,
@@ -228,7 +230,8 @@ class BenchConfig:
             single-filter sources keep ``energy_keep * distribution_keep`` of the same pool.
         generation_batch_size: images per pipeline call.
         inversion_iters: Adam steps per batch of model inversion.
-        data_scarce_model: the domain-shifted target, ``None`` to skip the data-scarce block.
+        data_scarce_model: the domain-shifted target (``resnet_shifted`` or ``resnet_dark``),
+            ``None`` to skip the data-scarce block.
         data_scarce_ks: real images per class given to the data-scarce block.
         data_scarce_settings: bit settings of the data-scarce block.
         data_scarce_seeds: seeds of the data-scarce block (``None``: the same as ``seeds``).
@@ -482,7 +485,7 @@ def run_benchmark(
     sources_info: dict[str, Any] = {}
     filter_scores: dict[str, dict[str, torch.Tensor]] = {}
     for classifier in models:
-        float_top1 = bench.float_top1(classifier, shifted=False)
+        float_top1 = bench.float_top1(classifier)
         models_info[classifier.name] = {**classifier.describe(), "float_top1": float_top1}
         logger.info("%s: float top-1 %.2f%%", classifier.name, float_top1)
         per_source: dict[str, list[dict[str, Any]]] = {source: [] for source in config.sources}
@@ -700,7 +703,7 @@ class _Classifier:
     name: str
     requested: str
     model: nn.Module
-    shifted: bool
+    domain: str
     sha256: str
     source: str
     note: str | None = None
@@ -711,7 +714,7 @@ class _Classifier:
             "weights": self.source,
             "weights_sha256": self.sha256,
             "params": sum(p.numel() for p in self.model.parameters()),
-            "domain": "shifted" if self.shifted else "original",
+            "domain": self.domain,
             "batchnorm": has_batchnorm(self.model),
             "note": self.note,
         }
@@ -722,7 +725,7 @@ def _resolve_models(config: BenchConfig, notes: list[str]) -> list[_Classifier]:
     resolved: dict[str, _Classifier] = {}
     for name in config.models:
         classifier = _load_classifier(name, config, notes)
-        if classifier.shifted:
+        if classifier.domain != "original":
             raise ValueError(
                 f"models: {name!r} is the domain-shifted target; name it as data_scarce_model"
             )
@@ -733,7 +736,7 @@ def _resolve_models(config: BenchConfig, notes: list[str]) -> list[_Classifier]:
 def _resolve_target(config: BenchConfig, notes: list[str]) -> _Classifier:
     assert config.data_scarce_model is not None
     target = _load_classifier(config.data_scarce_model, config, notes)
-    if not target.shifted:
+    if target.domain == "original":
         notes.append(
             f"data-scarce block: {target.name} is not a domain-shifted classifier, so the block "
             "runs on the original domain (k-shot and test images unshifted)"
@@ -788,7 +791,7 @@ def _load_classifier(name: str, config: BenchConfig, notes: list[str]) -> _Class
         name=name,
         requested=name,
         model=model.to(device).eval(),
-        shifted=entry.get("domain") == "shifted",
+        domain=_manifest_domain(name, entry, manifest),
         sha256=digest,
         source=str(weights),
     )
@@ -807,7 +810,7 @@ def _load_bn_cnn(assets: Path, requested: str, device: torch.device) -> _Classif
         name=FALLBACK_MODEL,
         requested=requested,
         model=model.to(device).eval(),
-        shifted=False,
+        domain="original",
         sha256=file_sha256(weights),
         source=str(weights),
     )
@@ -905,8 +908,8 @@ class _Bench:
 
     # -- float accuracy
 
-    def float_top1(self, classifier: _Classifier, shifted: bool) -> float:
-        images, labels = self.data.test(shifted)
+    def float_top1(self, classifier: _Classifier) -> float:
+        images, labels = self.data.test(classifier.domain)
         return evaluate_top1(classifier.model, images, labels)
 
     # -- one quantization run
@@ -972,7 +975,7 @@ class _Bench:
             on_progress=_StageLog(f"{classifier.name} {setting_name(setting)} {preset} {row}"),
         )
         seconds = time.perf_counter() - clock
-        images, labels = self.data.test(classifier.shifted)
+        images, labels = self.data.test(classifier.domain)
         top1 = evaluate_top1(qmodel, images, labels)
         evaluate_seconds = time.perf_counter() - clock - seconds
         record = {
@@ -1075,7 +1078,7 @@ class _Bench:
         n = config.num_calibration
         clock = time.perf_counter()
         if source == "real":
-            images = self.data.real(n, seed, shifted=classifier.shifted)
+            images = self.data.real(n, seed, classifier.domain)
             return images, _timing(time.perf_counter() - clock, images.shape[0], {})
         if source == "noise":
             images = gaussian_noise(n, (1, 28, 28), seed=seed)
@@ -1180,13 +1183,13 @@ class _Bench:
             lambda storage: self._generate(storage, seed, None, f"pool seed {seed}"),
         )
 
-    def ti_pool(self, k: int, seed: int, shifted: bool) -> _Pool:
+    def ti_pool(self, k: int, seed: int, domain: str) -> _Pool:
         """Images generated after textual inversion on k real images per class."""
         config = self.config
         parts = {
             **self._generation_parts(seed),
             "k": k,
-            "shifted": shifted,
+            **_domain_parts(domain),
             "ti_steps": config.textual_inversion_steps,
             "templates": DATA_SCARCE_TEMPLATES,
         }
@@ -1197,11 +1200,11 @@ class _Bench:
             parts["ti_per_class"] = True
 
         def make(storage: LocalStorage) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-            images = self.data.kshot_pil(k, seed, shifted)
+            images = self.data.kshot_pil(k, seed, domain)
             labels = [c for c in range(NUM_CLASSES) for _ in range(k)]
             return self._generate(storage, seed, (images, labels), f"pool k={k} seed {seed}")
 
-        return self._pool(f"ti-k{k}-{'shifted' if shifted else 'original'}-seed{seed}", parts, make)
+        return self._pool(f"ti-k{k}-{domain}-seed{seed}", parts, make)
 
     def _generation_parts(self, seed: int) -> dict[str, Any]:
         config = self.config
@@ -1332,7 +1335,7 @@ class _Bench:
             "final": report.final,
             "real_energy": energy_scores(
                 classifier.model,
-                self.data.real(self.config.num_calibration, seed, shifted=classifier.shifted),
+                self.data.real(self.config.num_calibration, seed, classifier.domain),
                 device=self.device,
             ),
         }
@@ -1384,9 +1387,9 @@ class _Bench:
 
 
 def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
-    """The data-scarce block: every method, k, seed, setting and preset on the shifted target."""
+    """The data-scarce block: every method, k, seed, setting and preset on the target."""
     config = bench.config
-    float_top1 = bench.float_top1(target, shifted=target.shifted)
+    float_top1 = bench.float_top1(target)
     logger.info("data-scarce target %s: float top-1 %.2f%%", target.name, float_top1)
     sources: dict[str, list[dict[str, Any]]] = {}
 
@@ -1419,7 +1422,7 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
     return {
         "model": target.name,
         "requested": target.requested,
-        "shifted": target.shifted,
+        "domain": target.domain,
         "float_top1": float_top1,
         "classifier": target.describe(),
         "timings": {key: _source_summary(entries) for key, entries in sources.items()},
@@ -1429,10 +1432,10 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
 
 
 def _kshot_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) -> _Calibration:
-    parts = {"model": target.sha256, "k": k, "seed": seed, "shifted": target.shifted}
+    parts = {"model": target.sha256, "k": k, "seed": seed, **_domain_parts(target.domain)}
 
     def make() -> tuple[torch.Tensor, dict[str, Any]]:
-        images = bench.data.kshot(k, seed, target.shifted)
+        images = bench.data.kshot(k, seed, target.domain)
         return images, _timing(0.0, images.shape[0], {})
 
     return bench._cached(
@@ -1443,7 +1446,7 @@ def _kshot_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) ->
 def _ti_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) -> _Calibration:
     config = bench.config
     try:
-        pool = bench.ti_pool(k, seed, target.shifted)
+        pool = bench.ti_pool(k, seed, target.domain)
     except _NotCached as missing:
         name = f"{target.name}/textual inversion k={k}/seed{seed}"
         return _Calibration(name, "", None, _unavailable(f"{missing} was not run"))
@@ -1482,7 +1485,7 @@ class _FashionData:
     split: TrainSplit
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    _test: dict[bool, torch.Tensor] = field(default_factory=dict)
+    _test: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def load(cls, config: BenchConfig) -> _FashionData:
@@ -1494,18 +1497,18 @@ class _FashionData:
         split = split_train_indices(train_labels, seed=0)
         return cls(train_images, train_labels, split, test_images, test_labels)
 
-    def test(self, shifted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised test images ``[N, 1, 28, 28]`` (shifted or not) and labels."""
-        if shifted not in self._test:
-            self._test[shifted] = _to_input(to_float_images(self.test_images), shifted)
-        return self._test[shifted], self.test_labels
+    def test(self, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised test images ``[N, 1, 28, 28]`` in ``domain``, and labels."""
+        if domain not in self._test:
+            self._test[domain] = _to_input(to_float_images(self.test_images), domain)
+        return self._test[domain], self.test_labels
 
-    def real(self, n: int, seed: int, shifted: bool) -> torch.Tensor:
+    def real(self, n: int, seed: int, domain: str) -> torch.Tensor:
         """``n`` seeded random images of the classifier part, normalised."""
         part = self.split.classifier
         order = torch.randperm(part.numel(), generator=torch.Generator().manual_seed(seed))
         chosen = part[order[:n]]
-        return _to_input(to_float_images(self.train_images[chosen]), shifted)
+        return _to_input(to_float_images(self.train_images[chosen]), domain)
 
     def kshot_indices(self, k: int, seed: int) -> torch.Tensor:
         """``k`` images per class from the k-shot pool, class by class; nested in ``k``."""
@@ -1520,23 +1523,41 @@ class _FashionData:
             chosen.append(members[torch.randperm(members.numel(), generator=generator)][:k])
         return torch.cat(chosen)
 
-    def kshot(self, k: int, seed: int, shifted: bool) -> torch.Tensor:
-        """The k-shot images as classifier input ``[10 k, 1, 28, 28]``."""
+    def kshot(self, k: int, seed: int, domain: str) -> torch.Tensor:
+        """The k-shot images in ``domain`` as classifier input ``[10 k, 1, 28, 28]``."""
         chosen = self.kshot_indices(k, seed)
-        return _to_input(to_float_images(self.train_images[chosen]), shifted)
+        return _to_input(to_float_images(self.train_images[chosen]), domain)
 
-    def kshot_pil(self, k: int, seed: int, shifted: bool) -> list[Image.Image]:
+    def kshot_pil(self, k: int, seed: int, domain: str) -> list[Image.Image]:
         """The k-shot images as the generator sees images: 32x32 (2 px border), grayscale."""
         chosen = self.kshot_indices(k, seed)
         pixels = torch.nn.functional.pad(to_float_images(self.train_images[chosen]), (2, 2, 2, 2))
-        if shifted:
-            pixels = shift_images(pixels)
+        pixels = to_domain(pixels, domain)
         gray = (pixels[:, 0] * 255).round().clamp(0, 255).to(torch.uint8)
         return [Image.fromarray(image.numpy()) for image in gray]
 
 
-def _to_input(pixels: torch.Tensor, shifted: bool) -> torch.Tensor:
-    return normalize(shift_images(pixels) if shifted else pixels)
+def _to_input(pixels: torch.Tensor, domain: str) -> torch.Tensor:
+    return normalize(to_domain(pixels, domain))
+
+
+def _domain_parts(domain: str) -> dict[str, Any]:
+    """A domain in cache keys; the two first domains keep the key they had before there were
+    others, so that caches made then still match."""
+    return (
+        {"shifted": domain == "shifted"}
+        if domain in ("original", "shifted")
+        else {"domain": domain}
+    )
+
+
+def _manifest_domain(name: str, entry: dict[str, Any], manifest: Path) -> str:
+    domain = str(entry.get("domain", "original"))
+    if domain not in DOMAINS:
+        raise ValueError(
+            f"{manifest}: model {name!r} has domain {domain!r}; expected one of {sorted(DOMAINS)}"
+        )
+    return domain
 
 
 def _generated_preprocessing(pipe: Any) -> Preprocessing:
@@ -1757,7 +1778,11 @@ def _set_statistics_markdown(report: dict[str, Any], config: BenchConfig) -> lis
 def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[str]:
     ks = config.data_scarce_ks
     rows = {(r["preset"], r["setting"], r["row"], r["k"]): r for r in scarce["rows"]}
-    domain = "shifted" if scarce["shifted"] else "original (no shifted target available)"
+    domain = (
+        scarce["domain"]
+        if scarce["domain"] != "original"
+        else "original (no shifted target available)"
+    )
     tokens = (
         "one token per class"
         if config.textual_inversion_per_class

@@ -26,6 +26,7 @@ __all__ = [
     "STD",
     "TrainSplit",
     "dataset_available",
+    "garment_intensity",
     "load_split",
     "normalize",
     "resolve_root",
@@ -226,6 +227,25 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
     if images_uint8.ndim != 3:
         raise ValueError(f"images must have shape [N, H, W], got {tuple(images_uint8.shape)}")
     return images_uint8.unsqueeze(1).to(torch.float32).div_(255.0)
+
+
+def garment_intensity(pixels: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Per image, the mean of the pixels above ``threshold`` (the garment, not the background).
+
+    Args:
+        pixels: float ``[N, C, H, W]`` in [0, 1].
+        threshold: pixels at or below it count as background.
+
+    Returns:
+        float ``[N]``; 0 for an image with no pixel above ``threshold``.
+    """
+    if pixels.ndim != 4 or not pixels.dtype.is_floating_point:
+        raise ValueError(
+            f"pixels must be float [N, C, H, W], got {pixels.dtype} {tuple(pixels.shape)}"
+        )
+    flat = pixels.flatten(1)
+    mask = flat > threshold
+    return (flat * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

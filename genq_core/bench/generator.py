@@ -11,8 +11,14 @@ captions:
 
 1. :func:`train_vae` trains the autoencoder (L1 reconstruction plus a small KL term) and measures
    the latent scaling factor, which goes into the VAE's config as in Stable Diffusion.
-2. :func:`train_unet_and_text_encoder` trains the UNet and the text encoder together, from scratch,
-   with the VAE frozen (epsilon prediction, 10% empty captions for classifier-free guidance).
+2. :func:`train_unet_and_text_encoder` trains the UNet and the text encoder together, from scratch
+   or from a saved pipeline's weights, with the VAE frozen (epsilon prediction, 10% empty
+   captions for classifier-free guidance).
+
+By default the captions' adjectives are drawn at random, so the text carries the class and nothing
+else. With ``GeneratorTrainConfig.look_words`` each image's adjective describes how it looks (its
+brightness within its class), as the captions of a production Stable Diffusion describe styles:
+that gives prompt words, and textual inversion's learned tokens, a direction to steer the look.
 
 Each stage runs to a step count or a wall-clock budget, whichever comes first, appends its loss to a
 CSV file and checkpoints periodically, so a killed run continues where it stopped: every random
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -49,6 +56,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from genq_core.bench.fashion_mnist import (
     CLASS_NAMES,
     TrainSplit,
+    garment_intensity,
     load_split,
     normalize,
     split_train_indices,
@@ -76,6 +84,7 @@ __all__ = [
     "build_tokenizer",
     "build_unet",
     "build_vae",
+    "image_looks",
     "load_generator_data",
     "measure_agreement",
     "prepare_images",
@@ -166,6 +175,12 @@ class GeneratorTrainConfig:
         templates: caption templates with ``{cls}`` and optionally ``{adjective}`` (the
             generation prompts' templates, :data:`genq_core.generate.prompts.DEFAULT_TEMPLATES`).
         adjectives: words for ``{adjective}``.
+        look_words: words that describe each image's look, darkest first (``""``: no word).
+            With n words, each class's images are split into n equal parts by garment
+            intensity (:func:`image_looks`), and an image's captions put its part's word in
+            ``{adjective}``: ``("dark", "", "bright")`` captions the darkest third "a photo of
+            a dark coat". Empty (the default): ``{adjective}`` is drawn from ``adjectives``,
+            independently of the image.
         warmup_steps: linear learning-rate warm-up of each stage.
         final_lr_fraction: after the warm-up the learning rate follows a cosine from its peak
             down to this fraction of it at ``vae_steps`` / ``unet_steps`` (1.0: constant). A
@@ -205,6 +220,7 @@ class GeneratorTrainConfig:
     caption_dropout: float = 0.1
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     adjectives: tuple[str, ...] = DEFAULT_ADJECTIVES
+    look_words: tuple[str, ...] = ()
     warmup_steps: int = 100
     final_lr_fraction: float = 0.1
     grad_clip: float = 1.0
@@ -314,9 +330,29 @@ class GeneratorTrainConfig:
             self.ema_max_decay,
             "must be in [0, 1)",
         )
-        for name in ("templates", "adjectives"):
+        for name in ("templates", "adjectives", "look_words"):
             value = getattr(self, name)
-            _check(isinstance(value, tuple), name, value, "must be a tuple of strings")
+            _check(
+                isinstance(value, tuple) and all(isinstance(v, str) for v in value),
+                name,
+                value,
+                "must be a tuple of strings",
+            )
+        _check(
+            len(self.look_words) != 1
+            and len(set(self.look_words)) == len(self.look_words)
+            and any(self.look_words) == bool(self.look_words)
+            and all("{" not in w and "}" not in w for w in self.look_words),
+            "look_words",
+            self.look_words,
+            "must be empty or >= 2 distinct words (one may be empty) without braces",
+        )
+        _check(
+            not self.look_words or any("{adjective}" in t for t in self.templates),
+            "look_words",
+            self.look_words,
+            "need a template with {adjective} to put them in",
+        )
         check_templates(self.templates, self.adjectives)
         _check(
             not any("{token}" in t for t in self.templates),
@@ -478,12 +514,23 @@ def load_generator_data(
     return data if per_class is None else data.subset(per_class)
 
 
-def training_captions(class_name: str, config: GeneratorTrainConfig) -> list[str]:
-    """Every caption of ``class_name``: each template with each adjective, whitespace-normalised.
+def training_captions(
+    class_name: str, config: GeneratorTrainConfig, look: str | None = None
+) -> list[str]:
+    """Every caption of ``class_name``, whitespace-normalised.
 
-    These are the prompts :func:`genq_core.generate.prompts.build_specs` draws from with the same
-    templates and adjectives, so generation asks for exactly what training showed.
+    Without ``look``: each template with each adjective, without repeats. These are the prompts
+    :func:`genq_core.generate.prompts.build_specs` draws from with the same templates and
+    adjectives, so generation asks for exactly what training showed. With ``look`` (one of
+    ``config.look_words``): one caption per template, ``look`` in its ``{adjective}``.
     """
+    if look is not None:
+        if look not in config.look_words:
+            raise ValueError(f"look must be one of {config.look_words}, got {look!r}")
+        return [
+            " ".join(template.format(cls=class_name, adjective=look).split())
+            for template in config.templates
+        ]
     captions: list[str] = []
     for template in config.templates:
         words = config.adjectives if "{adjective}" in template else ("",)
@@ -492,6 +539,34 @@ def training_captions(class_name: str, config: GeneratorTrainConfig) -> list[str
             if caption not in captions:
                 captions.append(caption)
     return captions
+
+
+def image_looks(images: torch.Tensor, labels: torch.Tensor, num_looks: int) -> torch.Tensor:
+    """Each image's look: its garment-intensity part within its class, 0 the darkest.
+
+    Args:
+        images: uint8 ``[N, 28, 28]``.
+        labels: int64 ``[N]``.
+        num_looks: parts per class (``len(config.look_words)``).
+
+    Returns:
+        int64 ``[N]`` in ``0..num_looks - 1``; within a class the parts differ in size by at
+        most one image, ties broken by position.
+    """
+    if not _is_int(num_looks) or num_looks < 1:
+        raise ValueError(f"num_looks must be an integer >= 1, got {num_looks!r}")
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"images must be [N, H, W] with labels [N], got {tuple(images.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    intensity = garment_intensity(images.unsqueeze(1).float() / 255)
+    looks = torch.empty_like(labels)
+    for cls in labels.unique():
+        members = torch.nonzero(labels == cls).flatten()
+        rank = torch.sort(intensity[members], stable=True).indices.argsort()
+        looks[members] = rank * num_looks // members.numel()
+    return looks
 
 
 def prepare_images(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
@@ -717,16 +792,18 @@ def train_unet_and_text_encoder(
     work_dir: str | Path,
     *,
     resume: bool = False,
+    init: StableDiffusionPipeline | None = None,
     device: str | torch.device = "cpu",
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> tuple[StableDiffusionPipeline, StageResult]:
-    """Stage 2: train the UNet and the text encoder from scratch on the frozen VAE's latents.
+    """Stage 2: train the UNet and the text encoder on the frozen VAE's latents.
 
     Latents are ``vae.config.scaling_factor`` times a sample of the VAE's posterior (its moments
     are computed once for all images); the loss is the MSE of the predicted noise at uniformly
     drawn timesteps of Stable Diffusion's schedule. Each image gets one of its class's
-    :func:`training_captions`, or with probability ``config.caption_dropout`` the empty caption.
+    :func:`training_captions` (of its look, with ``config.look_words``), or with probability
+    ``config.caption_dropout`` the empty caption.
     Budgets, checkpoints (``work_dir/unet_checkpoint.pt``) and the loss file
     (``work_dir/unet_loss.csv``) work as in :func:`train_vae`.
 
@@ -737,7 +814,10 @@ def train_unet_and_text_encoder(
         config: sizes, optimisation settings and budgets.
         work_dir: checkpoints and loss files.
         resume: continue from the checkpoint in ``work_dir`` if there is one; it must have been
-            trained on latents of the same VAE weights.
+            trained on latents of the same VAE weights, from the same initial weights.
+        init: start from this pipeline's UNet and text encoder (a fine-tune, e.g. of a saved
+            generator with new captions) instead of from scratch; their sizes must be the
+            config's. ``None``: from scratch.
         device: where training runs.
         on_progress: called as ``on_progress("train_unet", step, config.unet_steps)``.
         should_stop: polled before each step (see :func:`train_vae`).
@@ -759,11 +839,15 @@ def train_unet_and_text_encoder(
     torch.manual_seed(config.seed + 1)
     unet = _moved(build_unet(config), target)
     text_encoder = _moved(build_text_encoder(config, tokenizer), target)
+    if init is not None:
+        _load_initial_weights(unet, text_encoder, init)
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=0.0)
     ema = _Ema(parameters, config.ema_power, config.ema_max_decay)
     vae = _moved(vae, target).eval().requires_grad_(False)
-    vae_digest = _state_digest(vae)
+    digests = {"vae_digest": _state_digest(vae)}
+    if init is not None:
+        digests["init_digest"] = _state_digest(unet) + _state_digest(text_encoder)
     state_objects: dict[str, Any] = {
         "unet": unet,
         "text_encoder": text_encoder,
@@ -771,10 +855,13 @@ def train_unet_and_text_encoder(
         "ema": ema,
     }
     run = _StageFiles(Path(work_dir), "unet")
-    state = run.start(config, resume, state_objects, extra={"vae_digest": vae_digest})
+    state = run.start(config, resume, state_objects, extra=digests)
 
-    # 3. the VAE posterior of every image, once
+    # 3. the VAE posterior of every image, once; each image's caption row (class, look)
     started = time.perf_counter()
+    num_looks = max(1, len(config.look_words))
+    looks = image_looks(data.images, data.labels, num_looks) if config.look_words else None
+    rows = data.labels * num_looks + (looks if looks is not None else 0)
     latent_mean, latent_std = _encode_moments(vae, data, config, target)
     scaling = float(vae.config["scaling_factor"])
     noise_scheduler = DDPMScheduler(**_NOISE_SCHEDULE)
@@ -782,14 +869,14 @@ def train_unet_and_text_encoder(
     budget = _Budget(config.unet_steps, config.unet_minutes, state.step, state.seconds)
 
     # 4. train
-    labels = data.labels.to(target)
+    rows = rows.to(target)
     caption_ids, empty_ids = caption_ids.to(target), empty_ids.to(target)
     log = _LossLog(run.loss_file, ("loss",), config.log_every)
     unet.train()
     text_encoder.train()
     while not budget.done():
         if should_stop is not None and should_stop():
-            run.save(config, budget, state_objects, extra={"vae_digest": vae_digest})
+            run.save(config, budget, state_objects, extra=digests)
             log.close()
             raise GeneratorTrainingCanceled(f"canceled UNet training at step {budget.step}")
         generator = _step_generator(config.seed, UNET_STAGE, budget.step)
@@ -807,7 +894,7 @@ def train_unet_and_text_encoder(
         choice = torch.randint(caption_ids.shape[1], (n,), generator=generator).to(target)
         dropped = (torch.rand(n, generator=generator) < config.caption_dropout).to(target)
         input_ids = torch.where(
-            dropped.unsqueeze(1), empty_ids.unsqueeze(0), caption_ids[labels[batch], choice]
+            dropped.unsqueeze(1), empty_ids.unsqueeze(0), caption_ids[rows[batch], choice]
         )
 
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -823,11 +910,11 @@ def train_unet_and_text_encoder(
         budget.advance()
         log.add(budget.step, budget.seconds, loss.item())
         if budget.step % config.checkpoint_every == 0:
-            run.save(config, budget, state_objects, extra={"vae_digest": vae_digest})
+            run.save(config, budget, state_objects, extra=digests)
         if on_progress is not None:
             on_progress(UNET_STAGE, budget.step, config.unet_steps)
     if budget.step % config.checkpoint_every:
-        run.save(config, budget, state_objects, extra={"vae_digest": vae_digest})
+        run.save(config, budget, state_objects, extra=digests)
     log.close()
 
     # 5. the pipeline, with the averaged weights
@@ -996,8 +1083,9 @@ class _StageFiles:
         for key, value in (extra or {}).items():
             if saved.get(key) != value:
                 raise ValueError(
-                    f"{self.checkpoint} does not match this run ({key} differs): the VAE changed "
-                    f"since it was written; delete it to train this stage afresh"
+                    f"{self.checkpoint} does not match this run ({key} differs): the VAE or the "
+                    "initial weights changed since it was written; delete it to train this "
+                    "stage afresh"
                 )
         for key, target in objects.items():
             target.load_state_dict(saved[key])
@@ -1078,6 +1166,8 @@ class _Ema:
 
     @torch.no_grad()
     def copy_to(self, parameters: Sequence[nn.Parameter]) -> None:
+        if self.power is None:  # no average kept: the raw weights stay
+            return
         for shadow, param in zip(self.shadow, parameters, strict=True):
             param.copy_(shadow)
 
@@ -1094,7 +1184,10 @@ class _Ema:
 def _caption_ids(
     tokenizer: CLIPTokenizer, config: GeneratorTrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of every class's captions ``[C, K, L]`` and of the empty caption ``[L]``.
+    """Token ids of every caption row ``[R, K, L]`` and of the empty caption ``[L]``.
+
+    A row is a class (``R = C``), or with ``config.look_words`` a class and a look (row
+    ``class * len(look_words) + look``).
 
     Tokenized the way ``StableDiffusionPipeline`` tokenizes prompts (padded to the maximum
     length, truncated). Raises ``ValueError`` if a caption would be truncated.
@@ -1110,9 +1203,10 @@ def _caption_ids(
         ).input_ids
         return torch.as_tensor(ids, dtype=torch.int64)
 
-    per_class = []
-    for name in CLASS_NAMES:
-        captions = training_captions(name, config)
+    looks: tuple[str | None, ...] = config.look_words or (None,)
+    per_row = []
+    for name, look in itertools.product(CLASS_NAMES, looks):
+        captions = training_captions(name, config, look)
         for caption in captions:
             length = len(tokenizer(caption).input_ids)
             if length > tokenizer.model_max_length:
@@ -1120,8 +1214,22 @@ def _caption_ids(
                     f"max_length: caption {caption!r} has {length} tokens, more than "
                     f"{tokenizer.model_max_length}; raise max_length or shorten the templates"
                 )
-        per_class.append(encode(captions))
-    return torch.stack(per_class), encode([""])[0]
+        per_row.append(encode(captions))
+    return torch.stack(per_row), encode([""])[0]
+
+
+def _load_initial_weights(
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, init: StableDiffusionPipeline
+) -> None:
+    """Copy ``init``'s UNet and text encoder weights (any dtype) into the freshly built ones."""
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        try:
+            module.load_state_dict(getattr(init, name).state_dict())
+        except RuntimeError as error:
+            raise ValueError(
+                f"init: the {name} differs in size from the config's "
+                f"({str(error).splitlines()[0]}); train with the config it was saved with"
+            ) from error
 
 
 def _batch_indices(

@@ -35,7 +35,7 @@ def main(setting: str) -> None:
     weight_bits, act_bits = int(setting[1]), int(setting[3])
     config = BenchConfig(models=("resnet",), num_calibration=256)
     model = _load_classifier("resnet", config, []).model
-    test_images, test_labels = _FashionData.load(config).test(False)
+    test_images, test_labels = _FashionData.load(config).test("original")
     for seed in (0, 1, 2):
         for path in glob.glob(f"runs/full/work/pools/main-seed{seed}-*/pool.safetensors"):
             images = load_file(path)["images"]

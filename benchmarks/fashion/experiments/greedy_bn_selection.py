@@ -86,7 +86,7 @@ def main() -> None:
             filters = FilterConfig(energy_keep=0.5, distribution_keep=0.8, seed=seed)
             report = apply_filters(model, images, labels, filters, device="cpu")
             kept = greedy(model, images, labels)
-            real = data.real(256, seed, False)
+            real = data.real(256, seed, "original")
             distances = {
                 "random": bn_distance(model, images[random]),
                 "genq": bn_distance(model, images[report.final]),

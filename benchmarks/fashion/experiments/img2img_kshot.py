@@ -43,7 +43,7 @@ def main(strength: float, k: int) -> None:
     pipe = load_generator(config.generator_path, torch.device("cpu"), scheduler="ddim")
     img2img: Any = StableDiffusionImg2ImgPipeline(**pipe.components)  # untyped __call__
     img2img.set_progress_bar_config(disable=True)
-    shots = [image.convert("RGB") for image in data.kshot_pil(k, SEED, True)]
+    shots = [image.convert("RGB") for image in data.kshot_pil(k, SEED, "shifted")]
     transform = _generated_preprocessing(pipe).transform()
 
     # 1. PER_CLASS variations per class, cycling over the class's k shifted images
@@ -93,7 +93,7 @@ def main(strength: float, k: int) -> None:
         reconstruction=ReconstructionConfig(iters=200),
     )
     qmodel = quantize_model(target, quant, calibration, device="cpu")
-    test_images, test_labels = data.test(True)
+    test_images, test_labels = data.test("shifted")
     top1 = evaluate_top1(qmodel, test_images, test_labels)
     print(json.dumps({"strength": strength, "k": k, "top1": top1}), flush=True)
 

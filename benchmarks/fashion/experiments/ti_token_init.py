@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(2)
     config = BenchConfig(models=("resnet",))
     classifier = _load_classifier("resnet", config, []).model
-    shots = _FashionData.load(config).kshot_pil(1, 2, True)
+    shots = _FashionData.load(config).kshot_pil(1, 2, "shifted")
     pipe: Any = load_generator(config.generator_path, torch.device("cpu"), scheduler="ddim")
     pipe.set_progress_bar_config(disable=True)
     untrained = TextualInversionConfig(

@@ -22,9 +22,11 @@ from genq_core.bench.classifiers import (
     BasicBlock,
     SmallResNet,
     TrainConfig,
+    darken_images,
     evaluate_top1,
     shift_images,
     small_resnet_fmnist,
+    to_domain,
     train_classifier,
     vit_fmnist,
 )
@@ -239,22 +241,41 @@ def test_shift_images_rejects_bad_input() -> None:
         shift_images(torch.zeros(1, 1, 28, 20))
 
 
+def test_darken_images_squares_mid_tones_and_keeps_black_and_white() -> None:
+    images = torch.tensor([0.0, 0.5, 0.8, 1.0]).reshape(1, 1, 2, 2)
+    dark = darken_images(images)
+    torch.testing.assert_close(dark.flatten(), torch.tensor([0.0, 0.25, 0.64, 1.0]))
+    assert torch.equal(dark[0:1], darken_images(images.clone())[0:1])
+    with pytest.raises(ValueError, match="float"):
+        darken_images(torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        darken_images(torch.zeros(2, 2))
+
+
+def test_to_domain_names_each_benchmark_domain() -> None:
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    assert to_domain(images, "original") is images
+    assert torch.equal(to_domain(images, "shifted"), shift_images(images))
+    assert torch.equal(to_domain(images, "dark"), darken_images(images))
+    with pytest.raises(
+        ValueError, match=r"domain must be one of \['dark', 'original', 'shifted'\]"
+    ):
+        to_domain(images, "rotated")
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
-    ("builder", "recipe", "shifted"),
+    ("builder", "recipe", "domain"),
     [
-        ("small_resnet_fmnist", RESNET_RECIPE, False),
-        ("vit_fmnist", VIT_RECIPE, False),
-        ("small_resnet_fmnist", SHIFTED_RESNET_RECIPE, True),
+        ("small_resnet_fmnist", RESNET_RECIPE, "original"),
+        ("vit_fmnist", VIT_RECIPE, "original"),
+        ("small_resnet_fmnist", SHIFTED_RESNET_RECIPE, "shifted"),
+        ("small_resnet_fmnist", RESNET_RECIPE, "dark"),
     ],
-    ids=["resnet", "vit", "resnet_shifted"],
+    ids=["resnet", "vit", "resnet_shifted", "resnet_dark"],
 )
-def test_one_step_of_each_benchmark_recipe(
-    builder: str, recipe: TrainConfig, shifted: bool
-) -> None:
-    pixels = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    if shifted:
-        pixels = shift_images(pixels)
+def test_one_step_of_each_benchmark_recipe(builder: str, recipe: TrainConfig, domain: str) -> None:
+    pixels = to_domain(torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)), domain)
     images = (pixels - MEAN[0]) / STD[0]
     labels = torch.arange(8) % 10
     config = dataclasses.replace(recipe, epochs=1, batch_size=8)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from genq_core.bench import fashion_bench as fb
 from genq_core.bench.classifiers import small_resnet_fmnist
-from genq_core.bench.fashion_mnist import dataset_available
+from genq_core.bench.fashion_mnist import dataset_available, normalize, to_float_images
 from genq_core.bench.runinfo import file_sha256
 from genq_core.cli import main
 from genq_core.generate.tiny import build_tiny_pipeline
@@ -139,7 +139,7 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
 
     # the data-scarce block on the shifted target from the manifest
     scarce = report["data_scarce"]
-    assert scarce["model"] == "resnet_shifted" and scarce["shifted"]
+    assert scarce["model"] == "resnet_shifted" and scarce["domain"] == "shifted"
     assert {(r["row"], r["k"]) for r in scarce["runs"]} == {
         ("textual_inversion", 1),
         ("real_k", 1),
@@ -238,7 +238,7 @@ def test_per_class_textual_inversion_prompts_each_class_with_its_own_token(
         tiny_config, textual_inversion_per_class=True, textual_inversion_lr=1e-3
     )
     bench = fb._Bench(config, tmp_path / "work", torch.device("cpu"))
-    pool = bench.ti_pool(1, 0, shifted=True)
+    pool = bench.ti_pool(1, 0, "shifted")
     assert pool.labels.shape[0] == config.pool_per_class * fb.NUM_CLASSES
     (folder,) = (tmp_path / "work" / "pools").iterdir()
     records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
@@ -247,7 +247,40 @@ def test_per_class_textual_inversion_prompts_each_class_with_its_own_token(
         assert fb.STYLE_TOKEN not in record["prompt"]
     # the shared-token pool of the same k and seed is a different cache entry
     shared = fb._Bench(tiny_config, tmp_path / "work", torch.device("cpu"))
-    assert shared.ti_pool(1, 0, shifted=True).fingerprint != pool.fingerprint
+    assert shared.ti_pool(1, 0, "shifted").fingerprint != pool.fingerprint
+
+
+def test_a_dark_target_takes_its_domain_from_the_manifest(
+    tiny_config: fb.BenchConfig, tmp_path: Path
+) -> None:
+    assets = tmp_path / "assets"
+    shutil.copytree(tiny_config.assets_dir, assets)
+    manifest = json.loads((assets / fb.CLASSIFIERS_MANIFEST).read_text())
+    entry = manifest["models"]["resnet_shifted"]
+    manifest["models"]["resnet_dark"] = {**entry, "domain": "dark"}
+    manifest["models"]["resnet_odd"] = {**entry, "domain": "rotated"}
+    (assets / fb.CLASSIFIERS_MANIFEST).write_text(json.dumps(manifest))
+    config = dataclasses.replace(
+        tiny_config, assets_dir=str(assets), data_scarce_model="resnet_dark"
+    )
+    notes: list[str] = []
+    target = fb._resolve_target(config, notes)
+    assert (target.domain, target.describe()["domain"], notes) == ("dark", "dark", [])
+    with pytest.raises(ValueError, match="models: 'resnet_dark' is the domain-shifted target"):
+        fb._resolve_models(dataclasses.replace(config, models=("resnet_dark",)), [])
+    with pytest.raises(ValueError, match="model 'resnet_odd' has domain 'rotated'"):
+        fb._load_classifier("resnet_odd", config, [])
+
+    # k-shot and test images are darkened (x -> x ** 2) before normalisation
+    data = fb._FashionData.load(config)
+    pixels = to_float_images(data.train_images[data.kshot_indices(1, 0)])
+    torch.testing.assert_close(data.kshot(1, 0, "dark"), normalize(pixels**2))
+    test, _ = data.test("dark")
+    torch.testing.assert_close(test[:4], normalize(to_float_images(data.test_images[:4]) ** 2))
+    # caches made before there were other domains keep their keys
+    assert fb._domain_parts("shifted") == {"shifted": True}
+    assert fb._domain_parts("original") == {"shifted": False}
+    assert fb._domain_parts("dark") == {"domain": "dark"}
 
 
 def test_settings_round_trip() -> None:

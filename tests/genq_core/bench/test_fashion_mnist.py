@@ -200,3 +200,14 @@ def _write_split(root: Path, split: str, images: np.ndarray, labels: np.ndarray,
             path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
         else:
             path.write_bytes(data)
+
+
+def test_garment_intensity_averages_the_pixels_above_the_background() -> None:
+    pixels = torch.zeros(3, 1, 4, 4)
+    pixels[0, 0, :2, :2] = 0.5  # four garment pixels at 0.5
+    pixels[1, 0, 0, :2] = torch.tensor([1.0, 0.6])
+    pixels[1, 0, 3, 3] = 0.05  # background noise, below the threshold
+    assert fm.garment_intensity(pixels).tolist() == pytest.approx([0.5, 0.8, 0.0])
+    assert fm.garment_intensity(pixels, threshold=0.7).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="float"):
+        fm.garment_intensity(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))

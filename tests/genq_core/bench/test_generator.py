@@ -272,3 +272,84 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+LOOKS = ("dark", "", "bright")
+
+
+def test_image_looks_split_each_class_by_garment_intensity() -> None:
+    images = torch.zeros(7, 28, 28, dtype=torch.uint8)
+    brightness = [90, 250, 30, 160, 200, 120, 60]
+    for i, value in enumerate(brightness):
+        images[i, 10:18, 10:18] = value
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    looks = gen.image_looks(images, labels, 3)
+    # class 0: 30 < 90 < 250; class 1: 60 < 120 < 160 < 200 (4 images in 3 parts)
+    assert looks.tolist() == [1, 2, 0, 1, 2, 0, 0]
+    assert torch.equal(gen.image_looks(images, labels, 1), torch.zeros(7, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_looks"):
+        gen.image_looks(images, labels, 0)
+    with pytest.raises(ValueError, match="labels"):
+        gen.image_looks(images, labels[:3], 3)
+
+
+def test_look_captions_put_each_image_look_in_the_adjective() -> None:
+    config = gen.GeneratorTrainConfig(look_words=LOOKS)
+    dark = gen.training_captions("coat", config, "dark")
+    assert len(dark) == len(config.templates)
+    assert dark[0] == "a photo of a dark coat" and "a close-up photo of a coat" in dark
+    assert gen.training_captions("coat", config, "")[0] == "a photo of a coat"
+    assert all(
+        "bright" not in c and "dark" not in c for c in gen.training_captions("coat", config, "")
+    )
+    with pytest.raises(ValueError, match="look must be one of"):
+        gen.training_captions("coat", config, "small")
+
+    # rows are (class, look): row 3 * c + l
+    ids, _ = gen._caption_ids(gen.build_tokenizer(config), config)
+    assert ids.shape[:2] == (30, len(config.templates))
+    tokenizer = gen.build_tokenizer(config)
+    assert tokenizer.decode(ids[3 * 4 + 0, 0], skip_special_tokens=True) == "a photo of a dark coat"
+    assert (
+        tokenizer.decode(ids[3 * 4 + 2, 0], skip_special_tokens=True) == "a photo of a bright coat"
+    )
+    # without look words: one row per class, as before
+    assert gen._caption_ids(tokenizer, gen.GeneratorTrainConfig())[0].shape[0] == 10
+
+    for bad in (("dark",), ("dark", "dark"), ("", ""), ("{cls}", "")):
+        with pytest.raises(ValueError, match="look_words"):
+            gen.GeneratorTrainConfig(look_words=bad)
+    with pytest.raises(ValueError, match="look_words"):
+        gen.GeneratorTrainConfig(look_words=LOOKS, templates=("a photo of a {cls}",))
+
+
+def test_fine_tune_starts_from_the_initial_pipeline(
+    trained: tuple[StableDiffusionPipeline, Path], data: gen.GeneratorData, tmp_path: Path
+) -> None:
+    pipe, _ = trained
+    config = dataclasses.replace(TINY, look_words=LOOKS, unet_steps=1, unet_lr=1e-9, ema_power=None)
+    tuned, result = gen.train_unet_and_text_encoder(
+        pipe.vae, data, config, tmp_path / "tune", init=pipe
+    )
+    assert result.steps == 1
+    for name in ("unet", "text_encoder"):
+        start = getattr(pipe, name).state_dict()
+        for key, value in getattr(tuned, name).state_dict().items():
+            torch.testing.assert_close(value, start[key], atol=1e-6, rtol=0, msg=key)
+    scratch, _ = gen.train_unet_and_text_encoder(pipe.vae, data, config, tmp_path / "scratch")
+    assert not torch.equal(
+        scratch.unet.conv_in.weight, pipe.unet.conv_in.weight
+    )  # without init: fresh weights
+
+    # a resumed fine-tune must start from the same weights
+    longer = dataclasses.replace(config, unet_steps=2)
+    gen.train_unet_and_text_encoder(
+        pipe.vae, data, longer, tmp_path / "tune", resume=True, init=pipe
+    )
+    with pytest.raises(ValueError, match="initial weights"):
+        gen.train_unet_and_text_encoder(
+            pipe.vae, data, longer, tmp_path / "tune", resume=True, init=scratch
+        )
+    wider = dataclasses.replace(config, text_hidden_size=32, text_heads=2)
+    with pytest.raises(ValueError, match="init: the unet differs in size"):
+        gen.train_unet_and_text_encoder(pipe.vae, data, wider, tmp_path / "wide", init=pipe)
