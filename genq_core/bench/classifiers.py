@@ -492,10 +492,11 @@ def shift_images(images: torch.Tensor) -> torch.Tensor:
 def darken_images(images: torch.Tensor) -> torch.Tensor:
     """The ``dark`` domain: ``x -> x ** DARKEN_GAMMA`` on [0, 1] pixels.
 
-    Background (0) and full white (1) stay; mid tones darken, so the mean garment intensity of
-    Fashion-MNIST drops from about 0.69 to 0.52. A look the benchmark's generator can draw when
-    its captions describe brightness: about a quarter of its training images are at least that
-    dark. Pure, batch-independent, same dtype and device.
+    Background (0) and full white (1) stay; mid tones darken: the mean garment intensity
+    (:func:`genq_core.bench.fashion_mnist.garment_intensity`) of the generator part's images
+    drops from 0.62 to 0.51 (``benchmarks/fashion/generator_looks.py``). A look inside the
+    training data's range, which a generator whose captions describe brightness can be steered
+    to. Pure, batch-independent, same dtype and device.
 
     Args:
         images: float [N, C, H, W] pixels in [0, 1].
