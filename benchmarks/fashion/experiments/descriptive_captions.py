@@ -8,7 +8,9 @@ the lowest garment intensity, "a photo of a bright {cls}" for the brightest thir
 {cls}" for the rest (10% empty captions, as in training). It then repeats ``ti_in_support.py``'s
 measurements on the fine-tuned generator: garment intensity of plain, "dark" and "bright"
 prompts, and of a token learned on the darkened k-shot images (x -> x ** 2). The fine-tuned
-generator is not saved. Run from the repository root:
+generator is not saved. (The product of this experiment is ``GeneratorTrainConfig.look_words``:
+``benchmarks/fashion/train_generator.py --init-from ... --look-words dark,,bright`` does the same
+fine-tune in the generator's training code and saves it.) Run from the repository root:
 
     python benchmarks/fashion/experiments/descriptive_captions.py --minutes 20
 
