@@ -239,7 +239,7 @@ def _preprocessing(domain: str) -> dict[str, Any]:
             "gamma": DARKEN_GAMMA,
             "applied": "to the [0, 1] pixels, before normalization",
         }
-    if domain == "shifted":
+    elif domain == "shifted":
         result["shift"] = {
             "function": f"{BUILDER_MODULE}:shift_images",
             "rotation_degrees": SHIFT_ROTATION_DEGREES,

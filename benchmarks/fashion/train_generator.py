@@ -13,8 +13,8 @@ times, losses, agreement, sha256 of every saved file). Checkpoints and loss file
                                         # UNet steps, ~65 min on 2 idle cores
     python benchmarks/fashion/train_generator.py --threads 2 --resume  # continue a killed run
     python benchmarks/fashion/train_generator.py --eval-only         # re-measure a saved folder
-    python benchmarks/fashion/train_generator.py --init-from benchmarks/assets/fashion-sd \
-        --look-words dark,,bright --unet-lr 1e-4 --unet-minutes 30 --threads 1 \
+    python benchmarks/fashion/train_generator.py --init-from benchmarks/assets/fashion-sd \\
+        --config benchmarks/fashion/looks_finetune.yaml --eval-steps 10 --threads 2 \\
         --out benchmarks/assets/fashion-sd-looks   # fine-tune with captions that describe looks
     python benchmarks/fashion/train_generator.py --config tiny.yaml --per-class 10 \\
         --eval-per-class 2 --eval-steps 4 --out /tmp/sd --work-dir /tmp/sd-work   # smoke run

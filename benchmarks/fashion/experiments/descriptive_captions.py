@@ -32,7 +32,6 @@ from ti_in_support import (  # the sibling script (run as a script)
     OUT,
     SEED,
     K,
-    garment_intensity,
     generate,
     grid,
     kshot_images,
@@ -46,7 +45,7 @@ from genq_core.bench.fashion_bench import (
     _FashionData,
     _load_classifier,
 )
-from genq_core.bench.fashion_mnist import CLASS_NAMES, to_float_images
+from genq_core.bench.fashion_mnist import CLASS_NAMES, garment_intensity, to_float_images
 from genq_core.bench.generator import load_generator_data, prepare_images
 from genq_core.generate.pipeline import load_generator
 from genq_core.inversion import TextualInversionConfig, apply_tokens, learn_tokens

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from genq_core.bench.classifiers import evaluate_top1, shift_images
+from genq_core.bench.classifiers import darken_images, evaluate_top1, shift_images
 from genq_core.bench.fashion_bench import (
     DATA_SCARCE_TEMPLATES,
     STYLE_TOKEN,
@@ -42,13 +42,13 @@ from genq_core.bench.fashion_bench import (
     _generated_preprocessing,
     _load_classifier,
 )
-from genq_core.bench.fashion_mnist import CLASS_NAMES, to_float_images
+from genq_core.bench.fashion_mnist import CLASS_NAMES, garment_intensity, to_float_images
 from genq_core.generate.pipeline import load_generator
 from genq_core.inversion import TextualInversionConfig, apply_tokens, learn_tokens
 
 K, SEED, PER_CLASS = 5, 2, 10
 OUT = Path("benchmarks/results/experiments")
-STYLES = {"dark": lambda x: x**2, "shifted": shift_images}
+STYLES = {"dark": darken_images, "shifted": shift_images}
 ADJECTIVES = ("dark", "bright", "small", "large")
 
 
@@ -62,13 +62,6 @@ def kshot_images(data: _FashionData, style: str) -> list[Image.Image]:
     pixels = STYLES[style](torch.nn.functional.pad(shot_pixels(data), (2, 2, 2, 2)))
     gray = (pixels[:, 0] * 255).round().clamp(0, 255).to(torch.uint8)
     return [Image.fromarray(image.numpy()) for image in gray]
-
-
-def garment_intensity(pixels: torch.Tensor) -> torch.Tensor:
-    """Per image: mean of the pixels above 0.1 (the garment), for [N, 1, H, W] in [0, 1]."""
-    flat = pixels.flatten(1)
-    mask = flat > 0.1
-    return (flat * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def measures(images: list[Image.Image], classifier: torch.nn.Module, pipe: Any) -> str:
