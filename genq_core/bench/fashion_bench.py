@@ -151,15 +151,21 @@ SOURCE_TIMED: dict[str, str] = {
 
 DATA_SCARCE_METHODS: tuple[str, ...] = (
     "textual_inversion",
+    "textual_inversion_with_k",
     "plain_prompts",
     "real_k",
     "real_full",
 )
-"""Rows of the data-scarce table: GenQ after textual inversion on the k images, GenQ with plain
-prompts, the k real images per class alone, and (reference) the usual number of real images."""
+"""Rows of the data-scarce table: GenQ after textual inversion on the k images, the same set with
+the k images themselves put in it, GenQ with plain prompts, the k real images per class alone, and
+(reference) the usual number of real images."""
+
+KSHOT_METHODS: tuple[str, ...] = ("textual_inversion", "textual_inversion_with_k", "real_k")
+"""The data-scarce rows that depend on k (the others are drawn once per seed)."""
 
 DATA_SCARCE_LABELS: dict[str, str] = {
     "textual_inversion": "GenQ + textual inversion on the k images",
+    "textual_inversion_with_k": "GenQ + textual inversion, the k images added to the set",
     "plain_prompts": "GenQ, plain prompts (no k images)",
     "real_k": "the k real images per class alone",
     "real_full": "real data, full calibration set (reference)",
@@ -892,7 +898,7 @@ class _Bench:
             for preset in config.presets:
                 per_preset[preset] += len(sources) * len(config.seeds) * len(config.settings)
         if target is not None:
-            methods = 2 + 2 * len(config.data_scarce_ks)
+            methods = 2 + len(KSHOT_METHODS) * len(config.data_scarce_ks)
             for preset in config.presets:
                 per_preset[preset] += (
                     methods * len(config.scarce_seeds) * len(config.data_scarce_settings)
@@ -1416,8 +1422,11 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
         run_all(bench.calibration(target, "genq", seed), "plain_prompts", 0, seed)
         run_all(bench.calibration(target, "real", seed), "real_full", 0, seed)
         for k in config.data_scarce_ks:
-            run_all(_kshot_calibration(bench, target, k, seed), "real_k", k, seed)
-            run_all(_ti_calibration(bench, target, k, seed), "textual_inversion", k, seed)
+            kshot = _kshot_calibration(bench, target, k, seed)
+            run_all(kshot, "real_k", k, seed)
+            ti = _ti_calibration(bench, target, k, seed)
+            run_all(ti, "textual_inversion", k, seed)
+            run_all(_with_kshot(bench, ti, kshot, seed), "textual_inversion_with_k", k, seed)
     runs = [r for r in bench.runs_done() if r["block"] == "data_scarce"]
     return {
         "model": target.name,
@@ -1463,6 +1472,23 @@ def _ti_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) -> _C
         parts,
         lambda: bench._from_pool(target, pool, "genq", seed),
     )
+
+
+def _with_kshot(bench: _Bench, ti: _Calibration, kshot: _Calibration, seed: int) -> _Calibration:
+    """The textual-inversion set with the k real images in it: the k images first, then as many
+    generated images as the calibration size leaves room for, shuffled by ``seed``. Its time is the
+    textual-inversion set's (the k images cost nothing to make)."""
+    name = f"{ti.name} + the k images"
+    if ti.images is None or kshot.images is None:
+        return _Calibration(name, "", None, ti.info if ti.images is None else kshot.info)
+    room = max(bench.config.num_calibration - kshot.images.shape[0], 0)
+    images = torch.cat([kshot.images, ti.images[:room]])[: bench.config.num_calibration]
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    fingerprint = _fingerprint(
+        {"ti": ti.fingerprint, "kshot": kshot.fingerprint, "n": bench.config.num_calibration}
+    )
+    info = {**ti.info, "images": int(images.shape[0])}
+    return _Calibration(name, fingerprint, images[order], info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1709,33 +1735,28 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         scarce_rows = {
             (r["setting"], r["row"], r["k"]): r for r in scarce["rows"] if r["preset"] == preset
         }
-        means = {key: row["mean"] for key, row in scarce_rows.items()}
         k = 5 if 5 in config.data_scarce_ks else max(config.data_scarce_ks)
+        references = (
+            ("plain_prompts", 0, "plain prompts"),
+            ("real_k", k, "the k real images alone"),
+        )
         for setting in (setting_name(s) for s in config.data_scarce_settings):
-            ti = means.get((setting, "textual_inversion", k))
-            plain = means.get((setting, "plain_prompts", 0))
-            real_k = means.get((setting, "real_k", k))
-            if ti is None:
-                continue
-            if plain is not None:
-                claim(
-                    f"data-scarce {setting} {preset} k={k}: textual inversion beats plain prompts",
-                    ti > plain,
-                    versus(
-                        scarce_rows[(setting, "textual_inversion", k)],
-                        scarce_rows[(setting, "plain_prompts", 0)],
-                    ),
-                )
-            if real_k is not None:
-                claim(
-                    f"data-scarce {setting} {preset} k={k}: textual inversion beats the k real "
-                    "images alone",
-                    ti > real_k,
-                    versus(
-                        scarce_rows[(setting, "textual_inversion", k)],
-                        scarce_rows[(setting, "real_k", k)],
-                    ),
-                )
+            for method, label in (
+                ("textual_inversion", "textual inversion"),
+                ("textual_inversion_with_k", "textual inversion with the k images added"),
+            ):
+                ours = scarce_rows.get((setting, method, k))
+                if ours is None:
+                    continue
+                for reference, reference_k, reference_label in references:
+                    theirs = scarce_rows.get((setting, reference, reference_k))
+                    if theirs is not None:
+                        claim(
+                            f"data-scarce {setting} {preset} k={k}: {label} beats "
+                            f"{reference_label}",
+                            ours["mean"] > theirs["mean"],
+                            versus(ours, theirs),
+                        )
     return checks
 
 
@@ -1812,7 +1833,7 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
                         preset,
                         setting,
                         method,
-                        k if method in ("textual_inversion", "real_k") else 0,
+                        k if method in KSHOT_METHODS else 0,
                     )
                     cells.append(_cell(rows.get(key)))
                 lines.append(
@@ -1994,7 +2015,7 @@ def _plot_data_scarce(plt: Any, scarce: dict[str, Any], config: BenchConfig, pat
     settings = [setting_name(s) for s in config.data_scarce_settings]
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
-        for method in ("textual_inversion", "real_k"):
+        for method in KSHOT_METHODS:
             found = [(k, rows[(setting, method, k)]) for k in ks if (setting, method, k) in rows]
             if found:
                 ax.errorbar(
