@@ -1,0 +1,75 @@
+"""Seed-by-seed differences between two rows of a ``genq bench fashion`` result.
+
+The bench's claims compare row means with the standard error of two independent samples. Rows of
+one seed share more than that (the generation seed, the k images, the quantizer's seed), so the
+difference per seed is the sharper test. This prints, for each pair of rows, the difference on
+every seed both rows ran, their mean, the standard error of that mean and whether it is more than
+two standard errors from zero. Rows are named ``row`` or ``row:k`` as in the data-scarce table:
+
+    python benchmarks/fashion/paired_seeds.py benchmarks/results/fashion-dark-k5/fashion_bench.json \\
+        textual_inversion:5-plain_prompts textual_inversion:5-real_k:5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def per_seed(runs: list[dict[str, Any]], name: str, setting: str, preset: str) -> dict[int, float]:
+    """Top-1 by seed of the data-scarce row ``row`` or ``row:k``."""
+    row, _, k = name.partition(":")
+    found = {
+        r["seed"]: float(r["top1"])
+        for r in runs
+        if r["row"] == row
+        and r["k"] == (int(k) if k else 0)
+        and r["setting"] == setting
+        and r["preset"] == preset
+    }
+    if not found:
+        raise SystemExit(f"no runs of {name!r} at {setting} {preset}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", type=Path, help="fashion_bench.json of a run")
+    parser.add_argument("pairs", nargs="+", help="FIRST-SECOND, e.g. textual_inversion:5-real_k:5")
+    parser.add_argument("--setting", default="W2A4")
+    parser.add_argument("--preset", default="qdrop")
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    if not report.get("data_scarce"):
+        raise SystemExit(f"{args.report}: no data-scarce block")
+    runs = report["data_scarce"]["runs"]
+    for pair in args.pairs:
+        first, sep, second = pair.partition("-")
+        if not sep:
+            raise SystemExit(f"{pair!r}: expected FIRST-SECOND")
+        a = per_seed(runs, first, args.setting, args.preset)
+        b = per_seed(runs, second, args.setting, args.preset)
+        seeds = sorted(set(a) & set(b))
+        differences = [a[s] - b[s] for s in seeds]
+        mean = statistics.fmean(differences)
+        error = (
+            statistics.stdev(differences) / math.sqrt(len(differences))
+            if len(differences) > 1
+            else float("nan")
+        )
+        verdict = "outside" if abs(mean) > 2 * error else "within"
+        by_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(seeds, differences, strict=True))
+        print(
+            f"{first} - {second} ({args.setting} {args.preset}, {len(seeds)} seeds): "
+            f"{mean:+.2f} ± {error:.2f} s.e. ({verdict} two s.e.); by seed {by_seed}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
