@@ -189,12 +189,17 @@ class FilterSpec(_Spec):
 
 
 class DataScarceSpec(_Spec):
-    """Textual inversion on k real images per class (an upload of a folder per class)."""
+    """Textual inversion on k real images per class (an upload of a folder per class).
+
+    ``calibrate_with_kshot``: the k real images also go into the quantizer's calibration set,
+    ahead of the generated ones (``genq_core.pipeline.DataScarceConfig``).
+    """
 
     kshot_upload_id: str = Field(pattern=_ID_PATTERN)
     steps: int = Field(default=500, ge=1)
     lr: float = Field(default=5e-3, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    calibrate_with_kshot: bool = True
 
 
 class CalibrationSpec(_Spec):
@@ -375,7 +380,10 @@ def generation_fingerprint(request: GenqJobRequest | GenerateJobRequest) -> str:
         "generation": request.generation.model_dump(mode="json"),
         "filters": request.filters.model_dump(mode="json"),
         "data_scarce": (
-            request.data_scarce.model_dump(mode="json") if request.data_scarce else None
+            # calibrate_with_kshot changes the quantizer's set, not the synthetic dataset
+            request.data_scarce.model_dump(mode="json", exclude={"calibrate_with_kshot"})
+            if request.data_scarce
+            else None
         ),
     }
     return _digest(parts)

@@ -391,6 +391,7 @@ class _Resolver:
                     inversion=TextualInversionConfig(
                         steps=scarce.steps, lr=scarce.lr, seed=scarce.seed
                     ),
+                    calibrate_with_kshot=scarce.calibrate_with_kshot,
                 ),
             )
         return sections

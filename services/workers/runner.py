@@ -71,6 +71,7 @@ from genq_core.pipeline import (
     learn_style,
     load_generator_for,
     make_calibration,
+    quantizer_calibration,
     select_calibration,
     source_summary,
     split_holdout,
@@ -404,6 +405,7 @@ def _quantize(run: _JobRun) -> tuple[list[str], dict[str, Any]]:
     artifacts: list[dict[str, Any]] = []
     images, labels, source = run.calibration_set(artifacts)
     calibration, holdout = split_holdout(images, labels, config)
+    calibration, kshot_images = quantizer_calibration(calibration, run.classifier(), config)
     run.progress.set_reconstruct_iters(config.quant.reconstruction.iters)
     clock = time.perf_counter()
     qmodel = quantize_model(
@@ -422,7 +424,7 @@ def _quantize(run: _JobRun) -> tuple[list[str], dict[str, Any]]:
     data = {
         "artifacts": artifacts,
         "source": source,
-        "calibration": calibration_summary(calibration, holdout),
+        "calibration": calibration_summary(calibration, holdout, kshot_images),
         "timings": timings,
     }
     return [artifact["key"] for artifact in artifacts], data

@@ -14,10 +14,18 @@ from PIL import Image
 from safetensors.torch import load as load_tensors
 
 from genq_core.bench.fashion_mnist import CLASS_NAMES
+from genq_core.classifier import load
 from genq_core.cli import main
+from genq_core.data import load_labelled_image_folder
 from genq_core.generate.tiny import build_tiny_pipeline
 from genq_core.manifest import read_manifest
-from genq_core.pipeline import GenQConfig, load_genq_config, run_genq
+from genq_core.pipeline import (
+    GenQConfig,
+    load_genq_config,
+    quantizer_calibration,
+    run_genq,
+    split_holdout,
+)
 from genq_core.progress import Canceled
 from genq_core.quant import ReconstructionConfig
 from genq_core.storage import LocalStorage
@@ -264,3 +272,48 @@ def test_example_config_runs(tiny_sd: Path, tmp_path: Path) -> None:
     )
     result = run_genq(cheap, tmp_path / "out")
     assert result.report["quant"] == {"weight_bits": 4, "act_bits": 4, "preset": "qdrop"}
+
+
+def test_split_holdout_takes_the_classes_in_turn_and_holds_out_each_class_tail(
+    tiny_sd: Path, tmp_path: Path
+) -> None:
+    config = _build(_config(tiny_sd, evaluation={"holdout_fraction": 0.25}), tmp_path)
+    labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 2)  # class by class, as generated
+    images = torch.arange(10, dtype=torch.float32).reshape(10, 1, 1, 1)
+    calibration, holdout = split_holdout(images, labels, config)
+    # the last image of each class is held out; the rest alternate between the classes
+    assert holdout is not None and holdout.flatten().tolist() == [3.0, 7.0, 9.0]
+    assert calibration.flatten().tolist() == [0.0, 4.0, 8.0, 1.0, 5.0, 2.0, 6.0]
+    # without labels, no reordering
+    flat, _ = split_holdout(images, None, config)
+    assert flat.flatten().tolist() == [float(i) for i in range(7)]
+
+
+def test_quantizer_calibration_puts_the_kshot_images_first_and_keeps_the_cap(
+    tiny_sd: Path, tmp_path: Path
+) -> None:
+    kshot = tmp_path / "kshot"
+    _write_images(kshot, ["coat", "shirt"], count=2)
+    data = _config(tiny_sd, data_scarce={"kshot_dir": str(kshot)})
+    data["quant"]["max_calibration_images"] = 6
+    config = _build(data, tmp_path)
+    classifier = load(config.classifier)
+    generated = torch.full((5, 1, 28, 28), 7.0)
+
+    images, count = quantizer_calibration(generated, classifier, config)
+    assert count == 4 and images.shape == (6, 1, 28, 28)
+    assert not torch.any(images[:4] == 7.0) and torch.all(images[4:] == 7.0)
+    # class by class in turn: coat, shirt, coat, shirt
+    real, _, _ = load_labelled_image_folder(kshot, classifier.preprocessing, ["coat", "shirt"])
+    assert torch.equal(images[:4], real[[0, 2, 1, 3]])
+
+    # switched off, or outside the data-scarce mode: the generated images alone
+    assert config.data_scarce is not None
+    off = dataclasses.replace(
+        config,
+        data_scarce=dataclasses.replace(config.data_scarce, calibrate_with_kshot=False),
+    )
+    assert quantizer_calibration(generated, classifier, off)[1] == 0
+    plain = dataclasses.replace(config, data_scarce=None)
+    images, count = quantizer_calibration(generated, classifier, plain)
+    assert count == 0 and torch.equal(images, generated)

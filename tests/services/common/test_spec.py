@@ -121,3 +121,8 @@ def test_hashes() -> None:
     # the dataset fingerprint ignores what happens after generation and filtering
     assert generation_fingerprint(implicit) == generation_fingerprint(other_bits)
     assert generation_fingerprint(implicit) != generation_fingerprint(other_seed)
+    # ... and whether the k-shot images also calibrate (the dataset is the same)
+    scarce = {"kind": "genq", "model": MODEL, "data_scarce": {"kshot_upload_id": "k1"}}
+    without = {**scarce, "data_scarce": {"kshot_upload_id": "k1", "calibrate_with_kshot": False}}
+    assert generation_fingerprint(parse(scarce)) == generation_fingerprint(parse(without))
+    assert request_hash(parse(scarce)) != request_hash(parse(without))

@@ -283,7 +283,7 @@ def test_data_scarce_job_resumes_with_the_tokens_it_learned(services: Services) 
                 zipped.writestr(f"{name}/{i}.png", png.getvalue())
     uploads = services.storages[BucketRole.UPLOADS]
     uploads.put_bytes(f"{upload_prefix('scarce', 'kshot1')}/images.zip", archive.getvalue())
-    body = genq_body(kind="generate", data_scarce={"kshot_upload_id": "kshot1", "steps": 2})
+    body = genq_body(data_scarce={"kshot_upload_id": "kshot1", "steps": 2})
     job, token = start(services, "scarce", body)
 
     def die_generating(stage: str, done: int, total: int) -> None:
@@ -307,6 +307,12 @@ def test_data_scarce_job_resumes_with_the_tokens_it_learned(services: Services) 
     assert "tokens/tokens.safetensors" in {a["key"] for a in result["artifacts"]}
     records = read_manifest(storage, "synthetic/manifest.jsonl")
     assert len(records) == 40 and all("<genq-style>" in r.prompt for r in records)
+    # the quantizer also calibrated on the 4 k-shot images
+    report = json.loads(storage.get_bytes("report.json"))
+    assert report["kshot_images"] == 4
+    assert (
+        report["calibration_images"] == 4 + report["filters"]["num_kept"] - report["holdout_images"]
+    )
 
 
 def test_cancel_mid_generation_stops_before_the_next_stage(services: Services) -> None:
