@@ -153,20 +153,28 @@ DATA_SCARCE_METHODS: tuple[str, ...] = (
     "textual_inversion",
     "textual_inversion_with_k",
     "plain_prompts",
+    "plain_prompts_with_k",
     "real_k",
     "real_full",
 )
 """Rows of the data-scarce table: GenQ after textual inversion on the k images, the same set with
-the k images themselves put in it, GenQ with plain prompts, the k real images per class alone, and
-(reference) the usual number of real images."""
+the k images themselves put in it, GenQ with plain prompts, the plain-prompt set with the k images
+put in it (the control that tells what the token adds once the k images are in), the k real images
+per class alone, and (reference) the usual number of real images."""
 
-KSHOT_METHODS: tuple[str, ...] = ("textual_inversion", "textual_inversion_with_k", "real_k")
+KSHOT_METHODS: tuple[str, ...] = (
+    "textual_inversion",
+    "textual_inversion_with_k",
+    "plain_prompts_with_k",
+    "real_k",
+)
 """The data-scarce rows that depend on k (the others are drawn once per seed)."""
 
 DATA_SCARCE_LABELS: dict[str, str] = {
     "textual_inversion": "GenQ + textual inversion on the k images",
     "textual_inversion_with_k": "GenQ + textual inversion, the k images added to the set",
     "plain_prompts": "GenQ, plain prompts (no k images)",
+    "plain_prompts_with_k": "GenQ, plain prompts, the k images added to the set",
     "real_k": "the k real images per class alone",
     "real_full": "real data, full calibration set (reference)",
 }
@@ -1419,7 +1427,8 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
 
     for seed in config.scarce_seeds:
         # k-independent rows: plain prompts through GenQ, and the full real calibration set
-        run_all(bench.calibration(target, "genq", seed), "plain_prompts", 0, seed)
+        plain = bench.calibration(target, "genq", seed)
+        run_all(plain, "plain_prompts", 0, seed)
         run_all(bench.calibration(target, "real", seed), "real_full", 0, seed)
         for k in config.data_scarce_ks:
             kshot = _kshot_calibration(bench, target, k, seed)
@@ -1427,6 +1436,7 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
             ti = _ti_calibration(bench, target, k, seed)
             run_all(ti, "textual_inversion", k, seed)
             run_all(_with_kshot(bench, ti, kshot, seed), "textual_inversion_with_k", k, seed)
+            run_all(_with_kshot(bench, plain, kshot, seed), "plain_prompts_with_k", k, seed)
     runs = [r for r in bench.runs_done() if r["block"] == "data_scarce"]
     return {
         "model": target.name,
@@ -1474,20 +1484,24 @@ def _ti_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) -> _C
     )
 
 
-def _with_kshot(bench: _Bench, ti: _Calibration, kshot: _Calibration, seed: int) -> _Calibration:
-    """The textual-inversion set with the k real images in it: the k images first, then as many
-    generated images as the calibration size leaves room for, shuffled by ``seed``. Its time is the
-    textual-inversion set's (the k images cost nothing to make)."""
-    name = f"{ti.name} + the k images"
-    if ti.images is None or kshot.images is None:
-        return _Calibration(name, "", None, ti.info if ti.images is None else kshot.info)
+def _with_kshot(
+    bench: _Bench, generated: _Calibration, kshot: _Calibration, seed: int
+) -> _Calibration:
+    """A generated set with the k real images in it: the k images first, then as many generated
+    images as the calibration size leaves room for, shuffled by ``seed``. Its time is the generated
+    set's (the k images cost nothing to make)."""
+    name = f"{generated.name} + the k images"
+    if generated.images is None or kshot.images is None:
+        return _Calibration(
+            name, "", None, generated.info if generated.images is None else kshot.info
+        )
     room = max(bench.config.num_calibration - kshot.images.shape[0], 0)
-    images = torch.cat([kshot.images, ti.images[:room]])[: bench.config.num_calibration]
+    images = torch.cat([kshot.images, generated.images[:room]])[: bench.config.num_calibration]
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
     fingerprint = _fingerprint(
-        {"ti": ti.fingerprint, "kshot": kshot.fingerprint, "n": bench.config.num_calibration}
+        {"ti": generated.fingerprint, "kshot": kshot.fingerprint, "n": bench.config.num_calibration}
     )
-    info = {**ti.info, "images": int(images.shape[0])}
+    info = {**generated.info, "images": int(images.shape[0])}
     return _Calibration(name, fingerprint, images[order], info)
 
 
@@ -1740,15 +1754,21 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
             ("plain_prompts", 0, "plain prompts"),
             ("real_k", k, "the k real images alone"),
         )
+        # with the k images in both sets, only the token differs: the control that credits it
+        with_k_control = (("plain_prompts_with_k", k, "plain prompts with the k images added"),)
         for setting in (setting_name(s) for s in config.data_scarce_settings):
-            for method, label in (
-                ("textual_inversion", "textual inversion"),
-                ("textual_inversion_with_k", "textual inversion with the k images added"),
+            for method, label, method_references in (
+                ("textual_inversion", "textual inversion", references),
+                (
+                    "textual_inversion_with_k",
+                    "textual inversion with the k images added",
+                    references + with_k_control,
+                ),
             ):
                 ours = scarce_rows.get((setting, method, k))
                 if ours is None:
                     continue
-                for reference, reference_k, reference_label in references:
+                for reference, reference_k, reference_label in method_references:
                     theirs = scarce_rows.get((setting, reference, reference_k))
                     if theirs is not None:
                         claim(

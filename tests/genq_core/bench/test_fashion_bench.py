@@ -143,13 +143,15 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
     assert {(r["row"], r["k"]) for r in scarce["runs"]} == {
         ("textual_inversion", 1),
         ("textual_inversion_with_k", 1),
+        ("plain_prompts_with_k", 1),
         ("real_k", 1),
         ("plain_prompts", 0),
         ("real_full", 0),
     }
-    assert len(scarce["runs"]) == 10
+    assert len(scarce["runs"]) == 12
     by_row = {r["row"]: r["calibration_images"] for r in scarce["runs"]}
-    assert by_row["real_k"] == 10 and by_row["textual_inversion_with_k"] == 20
+    assert by_row["real_k"] == 10
+    assert by_row["textual_inversion_with_k"] == by_row["plain_prompts_with_k"] == 20
 
     # the tables: one row per source, the time table, the data-scarce table, the command
     markdown = (root / "out" / fb.RESULTS_MD).read_text()
@@ -162,10 +164,12 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
     assert "Calibration sets against the training statistics" in markdown
     assert "Command: `pytest tiny`" in markdown
 
-    # the data-scarce claims: both textual-inversion rows against both references
+    # the data-scarce claims: both textual-inversion rows against both references, and the set
+    # with the k images added against plain prompts with them added
     claims = [c["claim"] for c in report["checks"] if c["claim"].startswith("data-scarce")]
-    assert len(claims) == 2 * 2 * len(report["config"]["data_scarce_settings"]), claims
+    assert len(claims) == (2 * 2 + 1) * len(report["config"]["data_scarce_settings"]), claims
     assert any("textual inversion with the k images added beats the k real" in c for c in claims)
+    assert any("beats plain prompts with the k images added" in c for c in claims)
     section = (root / "BENCHMARKS.md").read_text()
     assert "<!-- fashion-bench:begin -->" in section and "<!-- fashion-bench:end -->" in section
     assert "| W4A4 |" in section
