@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,11 +29,41 @@ __all__ = [
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (another process may take it since)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, never the same twice in a session.
+
+    It is drawn below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999),
+    so no process that binds port 0 can take it before our server binds it: on 2 cores a Ray
+    node's own processes used to take a port picked for the next node in the seconds between.
+    """
+    low, high = _PORT_RANGE
+    for _ in range(2000):
+        port = _PORT_RANDOM.randrange(low, high) if high > low else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        _HANDED_OUT.add(port)
         return port
+    raise RuntimeError(f"no free TCP port in {low}-{high - 1} on 127.0.0.1")
+
+
+def _port_range() -> tuple[int, int]:
+    """``[20000, first ephemeral port)``; ``(0, 0)`` (any port) when that range is too small."""
+    try:
+        ephemeral_low = int(Path(_EPHEMERAL_RANGE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    return (20000, ephemeral_low) if ephemeral_low - 20000 >= 1000 else (0, 0)
+
+
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_PORT_RANGE = _port_range()
+_PORT_RANDOM = random.Random()
+_HANDED_OUT: set[int] = set()
 
 
 def start_process(
