@@ -187,6 +187,8 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
         overrides["seeds"] = tuple(int(s) for s in _names(args.seeds))
     if args.data_scarce_seeds:
         overrides["data_scarce_seeds"] = tuple(int(s) for s in _names(args.data_scarce_seeds))
+    if args.data_scarce_rows:
+        overrides["data_scarce_rows"] = tuple(_names(args.data_scarce_rows))
     if args.ks:
         overrides["data_scarce_ks"] = tuple(int(k) for k in _names(args.ks))
     for key, field in (
@@ -547,6 +549,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--data-scarce-seeds", help="comma-separated seeds of that block (default --seeds)"
     )
+    f.add_argument(
+        "--data-scarce-rows",
+        help="comma-separated rows of that block to run (default all: textual_inversion, "
+        "textual_inversion_with_k, plain_prompts, plain_prompts_with_k, real_k, real_full)",
+    )
     f.add_argument("--no-data-scarce", action="store_true", help="skip the data-scarce block")
     f.add_argument("--assets", help="assets folder (default benchmarks/assets)")
     f.add_argument("--generator", help="generator folder (default <assets>/fashion-sd)")
@@ -728,6 +735,7 @@ _BENCH_FASHION_OPTIONS = (
     "data_scarce_model",
     "data_scarce_settings",
     "data_scarce_seeds",
+    "data_scarce_rows",
     "no_data_scarce",
     "assets",
     "generator",

@@ -8,6 +8,10 @@ two standard errors from zero. Rows are named ``row`` or ``row:k`` as in the dat
 
     python benchmarks/fashion/paired_seeds.py benchmarks/results/fashion-dark-k5/fashion_bench.json \\
         textual_inversion:5-plain_prompts textual_inversion:5-real_k:5
+
+``--also REPORT`` adds the data-scarce runs of another result (e.g. a later run of a few rows with
+``--data-scarce-rows``); a run that both results hold must have the same top-1 in both, else
+this stops and names it.
 """
 
 from __future__ import annotations
@@ -37,17 +41,40 @@ def per_seed(runs: list[dict[str, Any]], name: str, setting: str, preset: str) -
     return found
 
 
+def merged_runs(reports: list[Path]) -> list[dict[str, Any]]:
+    """The data-scarce runs of every report; a run in several must agree on its top-1."""
+    by_key: dict[tuple[Any, ...], dict[str, Any]] = {}
+    shared = 0
+    for path in reports:
+        report = json.loads(path.read_text())
+        if not report.get("data_scarce"):
+            raise SystemExit(f"{path}: no data-scarce block")
+        for run in report["data_scarce"]["runs"]:
+            key = (run["row"], run["k"], run["setting"], run["preset"], run["seed"])
+            earlier = by_key.setdefault(key, run)
+            if earlier is not run:
+                shared += 1
+                if earlier["top1"] != run["top1"]:
+                    raise SystemExit(
+                        f"{path}: run {key} has top-1 {run['top1']}, an earlier report "
+                        f"{earlier['top1']}"
+                    )
+    if len(reports) > 1:
+        print(f"# {len(reports)} reports; {shared} runs in more than one, all with equal top-1")
+    return list(by_key.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="fashion_bench.json of a run")
     parser.add_argument("pairs", nargs="+", help="FIRST-SECOND, e.g. textual_inversion:5-real_k:5")
     parser.add_argument("--setting", default="W2A4")
     parser.add_argument("--preset", default="qdrop")
+    parser.add_argument(
+        "--also", type=Path, action="append", default=[], help="another fashion_bench.json"
+    )
     args = parser.parse_args(argv)
-    report = json.loads(args.report.read_text())
-    if not report.get("data_scarce"):
-        raise SystemExit(f"{args.report}: no data-scarce block")
-    runs = report["data_scarce"]["runs"]
+    runs = merged_runs([args.report, *args.also])
     for pair in args.pairs:
         first, sep, second = pair.partition("-")
         if not sep:

@@ -249,6 +249,8 @@ class BenchConfig:
         data_scarce_ks: real images per class given to the data-scarce block.
         data_scarce_settings: bit settings of the data-scarce block.
         data_scarce_seeds: seeds of the data-scarce block (``None``: the same as ``seeds``).
+        data_scarce_rows: rows of the data-scarce block to run (``None``: every row of
+            :data:`DATA_SCARCE_METHODS`).
         bn_align_iters: steps of BN alignment of the ``genq_aligned`` source
             (:func:`genq_core.align.align_to_bn_statistics`, its default learning rate).
         textual_inversion_steps: steps of textual inversion in the data-scarce block.
@@ -279,6 +281,7 @@ class BenchConfig:
     data_scarce_ks: tuple[int, ...] = (1, 5, 10)
     data_scarce_settings: tuple[Setting, ...] = ((4, 4, 8), (2, 4, 8))
     data_scarce_seeds: tuple[int, ...] | None = None
+    data_scarce_rows: tuple[str, ...] | None = None
     bn_align_iters: int = 50
     textual_inversion_steps: int = 500
     textual_inversion_lr: float = 5e-3
@@ -317,6 +320,17 @@ class BenchConfig:
             for seed in value:
                 ok = _is_int(seed) and seed >= 0
                 _check(ok, "data_scarce_seeds", value, "must be integers >= 0")
+        if self.data_scarce_rows is not None:
+            rows = self.data_scarce_rows
+            _check(
+                isinstance(rows, tuple) and len(rows) > 0,
+                "data_scarce_rows",
+                rows,
+                "must be a non-empty tuple or None",
+            )
+            _check(len(set(rows)) == len(rows), "data_scarce_rows", rows, "has duplicates")
+            unknown = [r for r in rows if r not in DATA_SCARCE_METHODS]
+            _check(not unknown, "data_scarce_rows", rows, f"may only hold {DATA_SCARCE_METHODS}")
         for name in (
             "num_calibration",
             "iters",
@@ -379,6 +393,11 @@ class BenchConfig:
         return self.seeds if self.data_scarce_seeds is None else self.data_scarce_seeds
 
     @property
+    def scarce_rows(self) -> tuple[str, ...]:
+        """The rows of the data-scarce block that run."""
+        return DATA_SCARCE_METHODS if self.data_scarce_rows is None else self.data_scarce_rows
+
+    @property
     def pool_per_class(self) -> int:
         """Images generated per class, so that ~``num_calibration`` survive both filters."""
         return math.ceil(self.num_calibration / self.kept_fraction / NUM_CLASSES)
@@ -406,6 +425,7 @@ class BenchConfig:
             "presets",
             "data_scarce_ks",
             "data_scarce_seeds",
+            "data_scarce_rows",
         ):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
@@ -906,7 +926,9 @@ class _Bench:
             for preset in config.presets:
                 per_preset[preset] += len(sources) * len(config.seeds) * len(config.settings)
         if target is not None:
-            methods = 2 + len(KSHOT_METHODS) * len(config.data_scarce_ks)
+            rows = config.scarce_rows
+            kshot_rows = sum(row in KSHOT_METHODS for row in rows)
+            methods = len(rows) - kshot_rows + kshot_rows * len(config.data_scarce_ks)
             for preset in config.presets:
                 per_preset[preset] += (
                     methods * len(config.scarce_seeds) * len(config.data_scarce_settings)
@@ -1408,6 +1430,8 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
     sources: dict[str, list[dict[str, Any]]] = {}
 
     def run_all(calibration: _Calibration, method: str, k: int, seed: int) -> None:
+        if method not in config.scarce_rows:
+            return
         sources.setdefault(f"{method}:{k}", []).append({"seed": seed, **calibration.info})
         if calibration.images is None:  # only with cached_only: not made yet
             return
@@ -1433,9 +1457,10 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
         for k in config.data_scarce_ks:
             kshot = _kshot_calibration(bench, target, k, seed)
             run_all(kshot, "real_k", k, seed)
-            ti = _ti_calibration(bench, target, k, seed)
-            run_all(ti, "textual_inversion", k, seed)
-            run_all(_with_kshot(bench, ti, kshot, seed), "textual_inversion_with_k", k, seed)
+            if {"textual_inversion", "textual_inversion_with_k"} & set(config.scarce_rows):
+                ti = _ti_calibration(bench, target, k, seed)
+                run_all(ti, "textual_inversion", k, seed)
+                run_all(_with_kshot(bench, ti, kshot, seed), "textual_inversion_with_k", k, seed)
             run_all(_with_kshot(bench, plain, kshot, seed), "plain_prompts_with_k", k, seed)
     runs = [r for r in bench.runs_done() if r["block"] == "data_scarce"]
     return {

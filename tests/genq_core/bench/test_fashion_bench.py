@@ -198,37 +198,35 @@ def test_rerun_through_the_cli_reuses_everything(
     result, root = bench_run
     runs_file = root / "work" / fb.RUNS_FILE
     lines_before = runs_file.read_text().splitlines()
-    code = main(
-        [
-            "bench",
-            "fashion",
-            "--models", "resnet",
-            "--settings", "W4A4",
-            "--seeds", "0",
-            "--presets", "qdrop,minmax",
-            "--num-calib", "20",
-            "--iters", "2",
-            "--steps", "2",
-            "--inversion-iters", "2",
-            "--energy-keep", str(tiny_config.energy_keep),
-            "--distribution-keep", str(tiny_config.distribution_keep),
-            "--ks", "1",
-            "--data-scarce-settings", "W4A4",
-            "--ti-steps", "2",
-            "--ti-lr", str(tiny_config.textual_inversion_lr),
-            "--bn-align-iters", str(tiny_config.bn_align_iters),
-            "--data-scarce-seeds", "0",
-            "--test-images", "200",
-            "--assets", tiny_config.assets_dir,
-            "--generator", str(tiny_config.generator_dir),
-            "--work-dir", str(root / "work"),
-            "--out", str(root / "cli-out"),
-            "--no-benchmarks-md",
-            "--threads", "1",
-            "-q",
-        ]
-    )  # fmt: skip
-    assert code == 0
+    args = [
+        "bench",
+        "fashion",
+        "--models", "resnet",
+        "--settings", "W4A4",
+        "--seeds", "0",
+        "--presets", "qdrop,minmax",
+        "--num-calib", "20",
+        "--iters", "2",
+        "--steps", "2",
+        "--inversion-iters", "2",
+        "--energy-keep", str(tiny_config.energy_keep),
+        "--distribution-keep", str(tiny_config.distribution_keep),
+        "--ks", "1",
+        "--data-scarce-settings", "W4A4",
+        "--ti-steps", "2",
+        "--ti-lr", str(tiny_config.textual_inversion_lr),
+        "--bn-align-iters", str(tiny_config.bn_align_iters),
+        "--data-scarce-seeds", "0",
+        "--test-images", "200",
+        "--assets", tiny_config.assets_dir,
+        "--generator", str(tiny_config.generator_dir),
+        "--work-dir", str(root / "work"),
+        "--out", str(root / "cli-out"),
+        "--no-benchmarks-md",
+        "--threads", "1",
+        "-q",
+    ]  # fmt: skip
+    assert main(args) == 0
     assert runs_file.read_text().splitlines() == lines_before  # nothing ran again
     again = json.loads((root / "cli-out" / fb.RESULTS_JSON).read_text())
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in result.report["runs"]]
@@ -240,6 +238,15 @@ def test_rerun_through_the_cli_reuses_everything(
     assert f"--bn-align-iters {tiny_config.bn_align_iters}" in again["command"]
     assert again["config"]["textual_inversion_per_class"] is False
     assert "| W4A4 |" in capsys.readouterr().out
+
+    # only some rows of the data-scarce block
+    rows_out = str(root / "cli-rows")
+    some = [*args[: args.index("--out") + 1], rows_out, *args[args.index("--out") + 2 :]]
+    assert main([*some, "--data-scarce-rows", "plain_prompts_with_k,real_k"]) == 0
+    assert runs_file.read_text().splitlines() == lines_before
+    rows = json.loads((Path(rows_out) / fb.RESULTS_JSON).read_text())
+    assert {r["row"] for r in rows["data_scarce"]["runs"]} == {"plain_prompts_with_k", "real_k"}
+    assert "--data-scarce-rows plain_prompts_with_k,real_k" in rows["command"]
 
 
 def test_per_class_textual_inversion_prompts_each_class_with_its_own_token(
@@ -316,6 +323,13 @@ def test_config_checks_and_serialises() -> None:
     for bad in ((), (1, 1), (-1,)):
         with pytest.raises(ValueError, match="data_scarce_seeds"):
             fb.BenchConfig(data_scarce_seeds=bad)
+    assert config.scarce_rows == fb.DATA_SCARCE_METHODS  # None: every row
+    rows = fb.BenchConfig(data_scarce_rows=("plain_prompts_with_k", "real_k"))
+    assert rows.scarce_rows == ("plain_prompts_with_k", "real_k")
+    assert fb.BenchConfig.from_dict(rows.to_dict()) == rows
+    for bad_rows in ((), ("real_k", "real_k"), ("imagenet",)):
+        with pytest.raises(ValueError, match="data_scarce_rows"):
+            fb.BenchConfig(data_scarce_rows=bad_rows)
     quick = fb.BenchConfig.quick(device="cpu")
     assert quick.seeds == (0,) and len(quick.settings) == 1
     with pytest.raises(ValueError, match="sources"):
