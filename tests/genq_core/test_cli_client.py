@@ -241,11 +241,24 @@ def test_another_tenants_job_is_not_found(
 
 
 def test_wait_follows_a_job_to_success_then_download_checks_every_file(
-    genq: Callable[..., tuple[int, str, str]], service: Service, tmp_path: Path
+    genq: Callable[..., tuple[int, str, str]],
+    service: Service,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ):
     # 1. a job, and a "worker" that runs it in the background while `genq wait` follows it
     _, out, _ = genq("submit", request_file(tmp_path, GENQ))
     job_id = out.strip()
+    # the worker starts once wait has read the job (on a loaded machine that can take a while)
+    read_once = threading.Event()
+    get = client.GenQClient.get
+
+    def get_and_tell(self: client.GenQClient, job: str) -> dict[str, Any]:
+        record = get(self, job)
+        read_once.set()
+        return record
+
+    monkeypatch.setattr(client.GenQClient, "get", get_and_tell)
     outputs = {
         "model/model.safetensors": b"quantized weights" * 500,
         "report.json": b'{"top1": 0.91}\n',
@@ -256,6 +269,7 @@ def test_wait_follows_a_job_to_success_then_download_checks_every_file(
     def work() -> None:
         try:
             store = service.store
+            assert read_once.wait(timeout=30), "genq wait never read the job"
             time.sleep(0.3)  # longer than events_block_ms: the stream waits across reads
             token = store.start_attempt(job_id)
             store.set_stage(job_id, token, Stage.GENERATING)
