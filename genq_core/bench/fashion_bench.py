@@ -310,25 +310,13 @@ class BenchConfig:
             _check(_is_int(seed) and seed >= 0, "seeds", self.seeds, "must be integers >= 0")
         if self.data_scarce_seeds is not None:
             value = self.data_scarce_seeds
-            _check(
-                isinstance(value, tuple) and len(value) > 0,
-                "data_scarce_seeds",
-                value,
-                "must be a non-empty tuple or None",
-            )
-            _check(len(set(value)) == len(value), "data_scarce_seeds", value, "has duplicates")
+            _check_subset_tuple(value, "data_scarce_seeds")
             for seed in value:
                 ok = _is_int(seed) and seed >= 0
                 _check(ok, "data_scarce_seeds", value, "must be integers >= 0")
         if self.data_scarce_rows is not None:
             rows = self.data_scarce_rows
-            _check(
-                isinstance(rows, tuple) and len(rows) > 0,
-                "data_scarce_rows",
-                rows,
-                "must be a non-empty tuple or None",
-            )
-            _check(len(set(rows)) == len(rows), "data_scarce_rows", rows, "has duplicates")
+            _check_subset_tuple(rows, "data_scarce_rows")
             unknown = [r for r in rows if r not in DATA_SCARCE_METHODS]
             _check(not unknown, "data_scarce_rows", rows, f"may only hold {DATA_SCARCE_METHODS}")
         for name in (
@@ -2287,6 +2275,17 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_subset_tuple(value: Any, name: str) -> None:
+    """``value`` is a non-empty tuple without duplicates (an optional field that picks a subset)."""
+    _check(
+        isinstance(value, tuple) and len(value) > 0,
+        name,
+        value,
+        "must be a non-empty tuple or None",
+    )
+    _check(len(set(value)) == len(value), name, value, "has duplicates")
 
 
 def _check(ok: bool, name: str, value: object, requirement: str) -> None:
