@@ -1511,6 +1511,7 @@ def _with_kshot(
     room = max(bench.config.num_calibration - kshot.images.shape[0], 0)
     images = torch.cat([kshot.images, generated.images[:room]])[: bench.config.num_calibration]
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    # the key is still "ti" (the first set it named) so that cached runs keep their fingerprints
     fingerprint = _fingerprint(
         {"ti": generated.fingerprint, "kshot": kshot.fingerprint, "n": bench.config.num_calibration}
     )
