@@ -552,7 +552,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--data-scarce-rows",
         help="comma-separated rows of that block to run (default all: textual_inversion, "
-        "textual_inversion_with_k, plain_prompts, plain_prompts_with_k, real_k, real_full)",
+        "textual_inversion_with_k, plain_prompts, plain_prompts_with_k, "
+        "textual_inversion_aligned, textual_inversion_with_k_aligned, "
+        "plain_prompts_with_k_aligned, real_k, real_full)",
     )
     f.add_argument("--no-data-scarce", action="store_true", help="skip the data-scarce block")
     f.add_argument("--assets", help="assets folder (default benchmarks/assets)")

@@ -97,6 +97,7 @@ from genq_core.quant import PRESETS, QuantConfig, ReconstructionConfig, quantize
 from genq_core.storage import LocalStorage
 
 __all__ = [
+    "ALIGNED_ROWS",
     "DATA_SCARCE_METHODS",
     "DEFAULT_SETTINGS",
     "FALLBACK_MODEL",
@@ -154,18 +155,33 @@ DATA_SCARCE_METHODS: tuple[str, ...] = (
     "textual_inversion_with_k",
     "plain_prompts",
     "plain_prompts_with_k",
+    "textual_inversion_aligned",
+    "textual_inversion_with_k_aligned",
+    "plain_prompts_with_k_aligned",
     "real_k",
     "real_full",
 )
 """Rows of the data-scarce table: GenQ after textual inversion on the k images, the same set with
 the k images themselves put in it, GenQ with plain prompts, the plain-prompt set with the k images
-put in it (the control that tells what the token adds once the k images are in), the k real images
-per class alone, and (reference) the usual number of real images."""
+put in it (the control that tells what the token adds once the k images are in), the three
+``*_aligned`` sets after BN alignment to the target (what a job with ``quant.bn_align_iters`` does;
+only for a target with BatchNorm), the k real images per class alone, and (reference) the usual
+number of real images."""
+
+ALIGNED_ROWS: dict[str, str] = {
+    "textual_inversion_aligned": "textual_inversion",
+    "textual_inversion_with_k_aligned": "textual_inversion_with_k",
+    "plain_prompts_with_k_aligned": "plain_prompts_with_k",
+}
+"""Each BN-aligned data-scarce row and the row whose set it aligns."""
 
 KSHOT_METHODS: tuple[str, ...] = (
     "textual_inversion",
     "textual_inversion_with_k",
     "plain_prompts_with_k",
+    "textual_inversion_aligned",
+    "textual_inversion_with_k_aligned",
+    "plain_prompts_with_k_aligned",
     "real_k",
 )
 """The data-scarce rows that depend on k (the others are drawn once per seed)."""
@@ -175,6 +191,9 @@ DATA_SCARCE_LABELS: dict[str, str] = {
     "textual_inversion_with_k": "GenQ + textual inversion, the k images added to the set",
     "plain_prompts": "GenQ, plain prompts (no k images)",
     "plain_prompts_with_k": "GenQ, plain prompts, the k images added to the set",
+    "textual_inversion_aligned": "GenQ + textual inversion, BN-aligned",
+    "textual_inversion_with_k_aligned": "GenQ + textual inversion, the k images added, BN-aligned",
+    "plain_prompts_with_k_aligned": "GenQ, plain prompts, the k images added, BN-aligned",
     "real_k": "the k real images per class alone",
     "real_full": "real data, full calibration set (reference)",
 }
@@ -251,8 +270,9 @@ class BenchConfig:
         data_scarce_seeds: seeds of the data-scarce block (``None``: the same as ``seeds``).
         data_scarce_rows: rows of the data-scarce block to run (``None``: every row of
             :data:`DATA_SCARCE_METHODS`).
-        bn_align_iters: steps of BN alignment of the ``genq_aligned`` source
-            (:func:`genq_core.align.align_to_bn_statistics`, its default learning rate).
+        bn_align_iters: steps of BN alignment of the ``genq_aligned`` source and the
+            ``*_aligned`` data-scarce rows (:func:`genq_core.align.align_to_bn_statistics`, its
+            default learning rate).
         textual_inversion_steps: steps of textual inversion in the data-scarce block.
         textual_inversion_lr: learning rate of the learned token rows.
         textual_inversion_per_class: also learn one token per class (it takes the style token's
@@ -914,7 +934,11 @@ class _Bench:
             for preset in config.presets:
                 per_preset[preset] += len(sources) * len(config.seeds) * len(config.settings)
         if target is not None:
-            rows = config.scarce_rows
+            rows = [
+                row
+                for row in config.scarce_rows
+                if row not in ALIGNED_ROWS or has_batchnorm(target.model)
+            ]
             kshot_rows = sum(row in KSHOT_METHODS for row in rows)
             methods = len(rows) - kshot_rows + kshot_rows * len(config.data_scarce_ks)
             for preset in config.presets:
@@ -1074,20 +1098,8 @@ class _Bench:
             note = f"{classifier.name} has no BatchNorm statistics to invert"
             return _Calibration(name, _fingerprint(parts), None, _unavailable(note))
         if source == "genq_aligned":
-            if not has_batchnorm(classifier.model):
-                note = f"{classifier.name} has no BatchNorm statistics to align to"
-                return _Calibration(name, _fingerprint(parts), None, _unavailable(note))
             genq = self.calibration(classifier, "genq", seed)
-            if genq.images is None:
-                return _Calibration(name, "", None, genq.info)
-            align = AlignConfig(iters=config.bn_align_iters)
-            parts = {"genq": genq.fingerprint, "align": dataclasses.asdict(align)}
-            return self._cached(
-                f"calibration/{classifier.name}/{source}-seed{seed}",
-                name,
-                parts,
-                lambda: self._aligned(classifier, genq, align),
-            )
+            return self.aligned(classifier, genq, f"{source}-seed{seed}", name, key="genq")
         return self._cached(
             f"calibration/{classifier.name}/{source}-seed{seed}",
             name,
@@ -1122,23 +1134,48 @@ class _Bench:
         pool = self.main_pool(seed)
         return self._from_pool(classifier, pool, source, seed, keep_scores=True)
 
-    def _aligned(
-        self, classifier: _Classifier, genq: _Calibration, align: AlignConfig
+    def aligned(
+        self,
+        classifier: _Classifier,
+        calibration: _Calibration,
+        stem: str,
+        name: str,
+        key: str = "set",
+    ) -> _Calibration:
+        """``calibration`` after ``config.bn_align_iters`` steps of BN alignment to
+        ``classifier``, made once (cached as ``calibration/<classifier>/<stem>``; ``key`` names
+        the aligned set in the fingerprint). Unavailable without BatchNorm."""
+        if not has_batchnorm(classifier.model):
+            note = f"{classifier.name} has no BatchNorm statistics to align to"
+            return _Calibration(name, "", None, _unavailable(note))
+        if calibration.images is None:
+            return _Calibration(name, "", None, calibration.info)
+        align = AlignConfig(iters=self.config.bn_align_iters)
+        parts = {key: calibration.fingerprint, "align": dataclasses.asdict(align)}
+        return self._cached(
+            f"calibration/{classifier.name}/{stem}",
+            name,
+            parts,
+            lambda: self._align(classifier, calibration, align),
+        )
+
+    def _align(
+        self, classifier: _Classifier, calibration: _Calibration, align: AlignConfig
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The GenQ set after BN alignment; its time is GenQ's plus the alignment's."""
-        assert genq.images is not None
+        """A set after BN alignment; its time is the set's plus the alignment's."""
+        assert calibration.images is not None
         clock = time.perf_counter()
         images = align_to_bn_statistics(
             classifier.model,
-            genq.images,
+            calibration.images,
             align,
             device=self.device,
             on_progress=_StageLog(f"{classifier.name} BN alignment"),
         )
         seconds = time.perf_counter() - clock
-        # GenQ's parts scaled to the images aligned (its sets may hold more than are used)
-        share = images.shape[0] / max(int(genq.info["images"]), 1)
-        detail = {part: value * share for part, value in genq.info["detail"].items()}
+        # the set's parts scaled to the images aligned (GenQ's sets may hold more than are used)
+        share = images.shape[0] / max(int(calibration.info["images"]), 1)
+        detail = {part: value * share for part, value in calibration.info["detail"].items()}
         detail["bn_align"] = seconds
         return images, _timing(sum(detail.values()), images.shape[0], detail)
 
@@ -1420,9 +1457,12 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
     def run_all(calibration: _Calibration, method: str, k: int, seed: int) -> None:
         if method not in config.scarce_rows:
             return
-        sources.setdefault(f"{method}:{k}", []).append({"seed": seed, **calibration.info})
-        if calibration.images is None:  # only with cached_only: not made yet
+        entries = sources.setdefault(f"{method}:{k}", [])
+        if calibration.images is None:  # not available, or (cached_only) not made yet
+            entries.append({"seed": seed, **calibration.info})
             return
+        set_stats = bench.set_statistics(target, calibration.images)
+        entries.append({"seed": seed, **calibration.info, **set_stats})
         for setting in config.data_scarce_settings:
             for preset in config.presets:
                 bench.run(
@@ -1445,11 +1485,19 @@ def _data_scarce(bench: _Bench, target: _Classifier) -> dict[str, Any]:
         for k in config.data_scarce_ks:
             kshot = _kshot_calibration(bench, target, k, seed)
             run_all(kshot, "real_k", k, seed)
-            if {"textual_inversion", "textual_inversion_with_k"} & set(config.scarce_rows):
+            sets: dict[str, _Calibration] = {}
+            if any(row.startswith("textual_inversion") for row in config.scarce_rows):
                 ti = _ti_calibration(bench, target, k, seed)
-                run_all(ti, "textual_inversion", k, seed)
-                run_all(_with_kshot(bench, ti, kshot, seed), "textual_inversion_with_k", k, seed)
-            run_all(_with_kshot(bench, plain, kshot, seed), "plain_prompts_with_k", k, seed)
+                sets["textual_inversion"] = ti
+                sets["textual_inversion_with_k"] = _with_kshot(bench, ti, kshot, seed)
+            sets["plain_prompts_with_k"] = _with_kshot(bench, plain, kshot, seed)
+            for method, calibration in sets.items():
+                run_all(calibration, method, k, seed)
+            for aligned, method in ALIGNED_ROWS.items():
+                if aligned in config.scarce_rows:
+                    stem = f"{aligned}_k{k}-seed{seed}"
+                    name = f"{sets[method].name}, BN-aligned"
+                    run_all(bench.aligned(target, sets[method], stem, name), aligned, k, seed)
     runs = [r for r in bench.runs_done() if r["block"] == "data_scarce"]
     return {
         "model": target.name,
@@ -1770,6 +1818,15 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
         # with the k images in both sets, only the token differs: the control that credits it
         with_k_control = (("plain_prompts_with_k", k, "plain prompts with the k images added"),)
+        # after BN alignment: against the aligned control and the same set unaligned
+        aligned_control = (
+            (
+                "plain_prompts_with_k_aligned",
+                k,
+                "plain prompts with the k images added, BN-aligned",
+            ),
+            ("textual_inversion_with_k", k, "the same set unaligned"),
+        )
         for setting in (setting_name(s) for s in config.data_scarce_settings):
             for method, label, method_references in (
                 ("textual_inversion", "textual inversion", references),
@@ -1777,6 +1834,16 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "textual_inversion_with_k",
                     "textual inversion with the k images added",
                     references + with_k_control,
+                ),
+                (
+                    "textual_inversion_aligned",
+                    "textual inversion, BN-aligned",
+                    (*references, ("textual_inversion", k, "the same set unaligned")),
+                ),
+                (
+                    "textual_inversion_with_k_aligned",
+                    "textual inversion with the k images added, BN-aligned",
+                    references + with_k_control + aligned_control,
                 ),
             ):
                 ours = scarce_rows.get((setting, method, k))
@@ -1874,6 +1941,26 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
                     f"| {DATA_SCARCE_LABELS[method]} (`{preset}`) | " + " | ".join(cells) + " |"
                 )
     timings = scarce["timings"]
+    distances = {
+        method: [
+            timings.get(f"{method}:{k if method in KSHOT_METHODS else 0}", {}).get("bn_distance")
+            for k in ks
+        ]
+        for method in DATA_SCARCE_METHODS
+    }
+    if any(d is not None for row in distances.values() for d in row):
+        lines += [
+            "",
+            "D_BN of each set against the target's BatchNorm statistics (mean over seeds; lower = "
+            "closer to its training data):",
+            "",
+            "| set | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---|" + "---|" * len(ks),
+        ]
+        for method, row in distances.items():
+            if any(d is not None for d in row):
+                cells = ["" if d is None else f"{d:.3f}" for d in row]
+                lines.append(f"| {DATA_SCARCE_LABELS[method]} | " + " | ".join(cells) + " |")
     ti = [timings.get(f"textual_inversion:{k}") for k in ks]
     if all(t is not None and t["available"] for t in ti):
         lines += [

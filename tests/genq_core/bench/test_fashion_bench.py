@@ -144,14 +144,24 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
         ("textual_inversion", 1),
         ("textual_inversion_with_k", 1),
         ("plain_prompts_with_k", 1),
+        ("textual_inversion_aligned", 1),
+        ("textual_inversion_with_k_aligned", 1),
+        ("plain_prompts_with_k_aligned", 1),
         ("real_k", 1),
         ("plain_prompts", 0),
         ("real_full", 0),
     }
-    assert len(scarce["runs"]) == 12
+    assert len(scarce["runs"]) == 2 * len(fb.DATA_SCARCE_METHODS)  # qdrop and minmax
     by_row = {r["row"]: r["calibration_images"] for r in scarce["runs"]}
     assert by_row["real_k"] == 10
     assert by_row["textual_inversion_with_k"] == by_row["plain_prompts_with_k"] == 20
+    # each aligned row aligns its row's set: as many images, closer to the target's statistics
+    for aligned, method in fb.ALIGNED_ROWS.items():
+        assert by_row[aligned] == by_row[method]
+        before = scarce["timings"][f"{method}:1"]
+        after = scarce["timings"][f"{aligned}:1"]
+        assert after["bn_distance"] < before["bn_distance"], aligned
+        assert after["by_seed"][0]["detail"]["bn_align"] > 0.0
 
     # the tables: one row per source, the time table, the data-scarce table, the command
     markdown = (root / "out" / fb.RESULTS_MD).read_text()
@@ -162,12 +172,16 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
         assert f"| {label} (`qdrop`) |" in markdown
     assert "Time per 1000 calibration images" in markdown
     assert "Calibration sets against the training statistics" in markdown
+    assert "D_BN of each set against the target's BatchNorm statistics" in markdown
     assert "Command: `pytest tiny`" in markdown
 
-    # the data-scarce claims: both textual-inversion rows against both references, and the set
-    # with the k images added against plain prompts with them added
+    # the data-scarce claims: the four textual-inversion rows against both references; the sets
+    # with the k images added against plain prompts with them added; the aligned rows against
+    # their unaligned sets, and the aligned set with the k images against the aligned control
     claims = [c["claim"] for c in report["checks"] if c["claim"].startswith("data-scarce")]
-    assert len(claims) == (2 * 2 + 1) * len(report["config"]["data_scarce_settings"]), claims
+    assert len(claims) == (4 * 2 + 2 + 2 + 1) * len(report["config"]["data_scarce_settings"])
+    assert any("BN-aligned beats the same set unaligned" in c for c in claims)
+    assert any("beats plain prompts with the k images added, BN-aligned" in c for c in claims)
     assert any("textual inversion with the k images added beats the k real" in c for c in claims)
     assert any("beats plain prompts with the k images added" in c for c in claims)
     section = (root / "BENCHMARKS.md").read_text()
