@@ -406,3 +406,12 @@ def test_cached_only_reports_what_was_run_and_runs_nothing(
     assert [entry["seed"] for entry in by_seed] == [0, 1]
     assert by_seed[1]["available"] is False and "not run" in by_seed[1]["note"]
     assert report["sources"]["bn_cnn"]["genq"]["available"]  # seed 0's set
+
+    # a table without noise makes no claim about real data against noise
+    assert any("real data beats noise" in c["claim"] for c in result.report["checks"])
+    only_real = dataclasses.replace(tiny_config, sources=("real",))
+    report = fb.run_benchmark(
+        only_real, root / "work", root / "real-out", cached_only=True, command="pytest real"
+    ).report
+    assert [r["row"] for r in report["runs"] if r["block"] == "main"] == ["real", "real"]
+    assert not any("noise" in c["claim"] for c in report["checks"])
