@@ -11,6 +11,10 @@ natural (generated, filtered) and takes a few of the same Adam steps on their pi
 with ``mu_B``, ``sigma_B`` the per-channel statistics of the layer's input over the batch and
 ``y`` the float model's own top-1 class of each unaligned image (so no labels are needed, and the
 pull keeps each image in the class it already shows). The learning rate is cosine-annealed to 0.
+After every step each channel is clamped to the range the input set spans: images come
+preprocessed, so that range is the valid one (black to white after normalisation), and without
+the clamp the steps make pixels darker than black or brighter than white that no real image has
+(on a darkened target they wrecked the quantized model; BENCHMARKS.md has the numbers).
 
 Why: generated images can sit farther from those statistics than real data (on the reference
 benchmark, whose BN ResNet gives its generated sets a larger ``D_BN`` than real data's); a few
@@ -62,12 +66,15 @@ class AlignConfig:
         batch_size: images aligned together; BN statistics are matched per batch.
         ce_weight: weight of the cross-entropy to each image's own float top-1 class; 0 matches
             the statistics only.
+        clamp_to_input_range: after every step, clamp each channel to the [min, max] it spans
+            over the whole input set (the valid pixel range of preprocessed images).
     """
 
     iters: int = 50
     lr: float = 0.05
     batch_size: int = 64
     ce_weight: float = 1.0
+    clamp_to_input_range: bool = True
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size"):
@@ -80,6 +87,10 @@ class AlignConfig:
         ok = isinstance(self.ce_weight, int | float) and 0 <= self.ce_weight < math.inf
         if not ok:
             raise ValueError(f"ce_weight must be a finite number >= 0, got {self.ce_weight!r}")
+        if not isinstance(self.clamp_to_input_range, bool):
+            raise ValueError(
+                f"clamp_to_input_range must be true or false, got {self.clamp_to_input_range!r}"
+            )
 
 
 def align_to_bn_statistics(
@@ -94,7 +105,8 @@ def align_to_bn_statistics(
     """``images`` after ``config.iters`` steps towards the model's BatchNorm statistics.
 
     Batches of ``config.batch_size`` consecutive images are aligned independently (the result
-    of a batch does not depend on the others). The model's parameters, buffers and mode are
+    of a batch does not depend on the others, except through the per-channel pixel range of the
+    whole set that ``config.clamp_to_input_range`` keeps). The model's parameters, buffers and mode are
     left as they were; gradients are taken with respect to the images only.
 
     Args:
@@ -127,7 +139,11 @@ def align_to_bn_statistics(
     target = torch.device(device)
     net = on_device(model, target)
 
-    # 2. each image's own class under the float model: the cross-entropy target
+    # 2. the per-channel pixel range of the whole set, and each image's own class under the
+    # float model: the cross-entropy target
+    channels = images.transpose(0, 1).reshape(images.shape[1], -1)
+    low = channels.amin(dim=1).view(1, -1, 1, 1).to(device=target, dtype=torch.float32)
+    high = channels.amax(dim=1).view(1, -1, 1, 1).to(device=target, dtype=torch.float32)
     batches = list(torch.split(images, config.batch_size))
     total = len(batches) * config.iters
     results = []
@@ -157,6 +173,9 @@ def align_to_bn_statistics(
                 pixels.grad = grad
                 optimizer.step()
                 schedule.step()
+                if config.clamp_to_input_range:
+                    with torch.no_grad():
+                        pixels.clamp_(low, high)
                 if on_progress is not None:
                     on_progress("bn_align", b * config.iters + it + 1, total)
             results.append(pixels.detach().float().cpu())

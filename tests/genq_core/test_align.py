@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -50,9 +52,32 @@ def test_batches_are_aligned_independently_and_deterministically(bn_model: TinyB
     images = _off_distribution(8, seed=5)
     whole = align_to_bn_statistics(bn_model, images, FAST)
     again = align_to_bn_statistics(bn_model, images, FAST)
-    first = align_to_bn_statistics(bn_model, images[:4], FAST)
     assert torch.equal(whole, again)
+    # a batch alone gives what it gives in the whole set, once the clamp range is the same
+    unclamped = dataclasses.replace(FAST, clamp_to_input_range=False)
+    whole = align_to_bn_statistics(bn_model, images, unclamped)
+    first = align_to_bn_statistics(bn_model, images[:4], unclamped)
     torch.testing.assert_close(whole[:4], first)
+
+
+def test_alignment_keeps_each_channel_in_the_range_the_set_spans(bn_model: TinyBNNet) -> None:
+    # each channel in its own narrow range, far from the running means (1.0, -0.5, 0.3)
+    gen = torch.Generator().manual_seed(7)
+    unit = torch.rand((8, *SHAPE), generator=gen)
+    low = torch.tensor([-0.3, 0.0, -1.0]).view(1, 3, 1, 1)
+    width = torch.tensor([0.6, 1.0, 1.0]).view(1, 3, 1, 1)
+    images = low + width * unit
+    bounds = images.transpose(0, 1).reshape(3, -1)
+    lo, hi = bounds.amin(1).view(1, 3, 1, 1), bounds.amax(1).view(1, 3, 1, 1)
+
+    free = align_to_bn_statistics(
+        bn_model, images, dataclasses.replace(FAST, clamp_to_input_range=False)
+    )
+    assert (free > hi + 0.1).any() or (free < lo - 0.1).any()  # the pull leaves the range
+
+    aligned = align_to_bn_statistics(bn_model, images, FAST)
+    assert ((aligned >= lo) & (aligned <= hi)).all()
+    assert bn_statistics_loss(bn_model, aligned[:4]) < bn_statistics_loss(bn_model, images[:4])
 
 
 def test_alignment_rejects_bad_input(bn_model: TinyBNNet) -> None:
@@ -63,7 +88,13 @@ def test_alignment_rejects_bad_input(bn_model: TinyBNNet) -> None:
         align_to_bn_statistics(bn_model, torch.zeros(0, *SHAPE), FAST)
     with pytest.raises(ValueError, match="finite"):
         align_to_bn_statistics(bn_model, torch.full((2, *SHAPE), float("nan")), FAST)
-    for field, value in (("iters", 0), ("lr", 0.0), ("batch_size", 1.5), ("ce_weight", -1.0)):
+    for field, value in (
+        ("iters", 0),
+        ("lr", 0.0),
+        ("batch_size", 1.5),
+        ("ce_weight", -1.0),
+        ("clamp_to_input_range", 1),
+    ):
         with pytest.raises(ValueError, match=field):
             AlignConfig(**{field: value})  # type: ignore[arg-type]
 
