@@ -1928,7 +1928,7 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
             "|---|" + "---|" * len(ks),
         ]
         for preset in config.presets:
-            for method in DATA_SCARCE_METHODS:
+            for method in (m for m in DATA_SCARCE_METHODS if m in config.scarce_rows):
                 cells = []
                 for k in ks:
                     key = (
@@ -1948,6 +1948,7 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
             for k in ks
         ]
         for method in DATA_SCARCE_METHODS
+        if method in config.scarce_rows
     }
     if any(d is not None for row in distances.values() for d in row):
         lines += [

@@ -260,6 +260,9 @@ def test_rerun_through_the_cli_reuses_everything(
     assert runs_file.read_text().splitlines() == lines_before
     rows = json.loads((Path(rows_out) / fb.RESULTS_JSON).read_text())
     assert {r["row"] for r in rows["data_scarce"]["runs"]} == {"plain_prompts_with_k", "real_k"}
+    table = (Path(rows_out) / fb.RESULTS_MD).read_text()
+    shown = [label for label in fb.DATA_SCARCE_LABELS.values() if f"| {label} (`qdrop`) |" in table]
+    assert shown == [fb.DATA_SCARCE_LABELS["plain_prompts_with_k"], fb.DATA_SCARCE_LABELS["real_k"]]
     assert "--data-scarce-rows plain_prompts_with_k,real_k" in rows["command"]
 
 
