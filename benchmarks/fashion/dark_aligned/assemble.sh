@@ -29,3 +29,8 @@ M=benchmarks/results/fashion-aligned-clamped
 genq bench fashion --models resnet --sources real,genq,genq_aligned --settings W2A4,W2A3 \
   --seeds 0,1,2 --presets qdrop --iters 200 --num-calib 256 --no-data-scarce --threads 1 \
   --work-dir runs/main-al/work --cached-only -q --section fashion-bench-aligned-clamped --out $M
+# every data-scarce row at W2A3 (all cached in runs/full/work): the D_BN of the unaligned sets
+genq bench fashion --models resnet --sources real --settings W2A4 --seeds $SEEDS --presets qdrop \
+  --iters 200 --num-calib 256 --ks 5 --data-scarce-model resnet_dark --data-scarce-settings W2A3 \
+  --data-scarce-seeds $SEEDS --generator benchmarks/assets/fashion-sd-looks --threads 1 \
+  --work-dir runs/full/work --cached-only -q --no-benchmarks-md --out $A/w2a3-all-rows
