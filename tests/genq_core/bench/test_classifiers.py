@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from genq_core.bench.classifiers import (
     BUILDERS,
+    CPU_EVAL_BATCH,
     RESNET_RECIPE,
     SHIFTED_RESNET_RECIPE,
     VIT_RECIPE,
@@ -108,6 +109,17 @@ def test_evaluate_top1_restores_mode_and_counts() -> None:
     labels = torch.tensor([1, 1, 0, 1])
     assert evaluate_top1(model, torch.zeros(4, 1, 2, 2), labels, batch_size=3) == 75.0
     assert model.training
+
+
+def test_evaluate_top1_default_batch_on_cpu_covers_every_image() -> None:
+    seen: list[int] = []
+    model = _ConstantModel(cls=1)
+    model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    n = 2 * CPU_EVAL_BATCH + 5
+    labels = torch.zeros(n, dtype=torch.int64)
+    labels[:5] = 1
+    assert evaluate_top1(model, torch.zeros(n, 1, 2, 2), labels) == pytest.approx(100.0 * 5 / n)
+    assert seen == [CPU_EVAL_BATCH, CPU_EVAL_BATCH, 5]
 
 
 @pytest.mark.parametrize(
