@@ -637,7 +637,9 @@ def markdown_tables(report: dict[str, Any]) -> str:
             for source in config.sources:
                 available = report["sources"][model][source]["available"]
                 cells = [
-                    _cell(rows.get((model, preset, s, source))) if available else "n/a"
+                    _cell(rows.get((model, preset, s, source)), config.seeds)
+                    if available
+                    else "n/a"
                     for s in settings
                 ]
                 lines.append(f"| {SOURCE_LABELS[source]} | " + " | ".join(cells) + " |")
@@ -1937,7 +1939,7 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
                         method,
                         k if method in KSHOT_METHODS else 0,
                     )
-                    cells.append(_cell(rows.get(key)))
+                    cells.append(_cell(rows.get(key), config.scarce_seeds))
                 lines.append(
                     f"| {DATA_SCARCE_LABELS[method]} (`{preset}`) | " + " | ".join(cells) + " |"
                 )
@@ -1977,12 +1979,16 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
     return lines
 
 
-def _cell(row: dict[str, Any] | None) -> str:
+def _cell(row: dict[str, Any] | None, seeds: Sequence[int]) -> str:
+    """Mean ± std of a row; names its seeds when they are not all of ``seeds`` (a table
+    assembled before every run finished)."""
     if row is None:
         return ""
-    if row["n"] == 1:
-        return f"{row['mean']:.2f}"
-    return f"{row['mean']:.2f} ± {row['std']:.2f}"
+    text = f"{row['mean']:.2f}" if row["n"] == 1 else f"{row['mean']:.2f} ± {row['std']:.2f}"
+    if sorted(row["seeds"]) != sorted(seeds):
+        done = ", ".join(str(seed) for seed in row["seeds"])
+        text += f" (seed{'s' if row['n'] > 1 else ''} {done} only)"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
