@@ -13,7 +13,7 @@ WORK=${WORK:-runs/f1024/work}
 case "${1:-}" in
   inversion) SOURCES=inversion ;;
   rest) SOURCES=real,noise,genq,generated,energy_only,bn_only,genq_aligned ;;
-  *) echo "usage: $0 inversion|rest" >&2; exit 2 ;;
+  *) echo "usage: $0 inversion|rest [SETTING...]" >&2; exit 2 ;;
 esac
 mkdir -p "$(dirname "$WORK")"
 worker=$1
