@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Assemble what the full-size workers have finished into BENCHMARKS.md and benchmarks/results;
 # runs nothing. Cells still missing seeds name the seeds they have.
-#   benchmarks/fashion/full/assemble.sh resnet [SETTINGS]   # resnet.sh's table: "fashion-bench-full"
-#   benchmarks/fashion/full/assemble.sh vit [SETTINGS]      # vit.sh's table: "fashion-bench-full-vit"
+#   benchmarks/fashion/full/assemble.sh resnet [SETTINGS]   # section "fashion-bench-full"
+#   benchmarks/fashion/full/assemble.sh vit [SETTINGS]      # section "fashion-bench-full-vit"
 # SETTINGS: comma-separated settings to show (default all the worker's).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."

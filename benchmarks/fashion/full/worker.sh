@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# A table at the bench's defaults (1024 calibration images, 500 reconstruction steps per block),
+# `qdrop`, seeds 0-2, hardest settings first. Each table runs as two single-threaded workers that
+# share one resumable work dir, split by calibration source:
+#   benchmarks/fashion/full/worker.sh resnet inversion   # model inversion (the slow source)
+#   benchmarks/fashion/full/worker.sh resnet rest        # every other source
+#   benchmarks/fashion/full/worker.sh vit a              # real data, noise, GenQ
+#   benchmarks/fashion/full/worker.sh vit b              # the generator without filters, each filter alone
+# The ViT has no BatchNorm, so no model inversion or BN alignment; it reuses the ResNet's generated
+# pools. Settings after the worker's name replace the default order (e.g. `resnet rest W8A8`, to
+# balance the workers). Rerunning a worker skips what is already in the work dir; assemble.sh
+# writes the table. Progress: one line a setting in progress.txt next to the work dir.
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+source .venv/bin/activate
+WORK=${WORK:-runs/f1024/work}
+case "${1:-} ${2:-}" in
+  "resnet inversion") SOURCES=inversion DEFAULT=(W2A4 W2A3 W4A4 W8A8) ;;
+  "resnet rest") SOURCES=real,noise,genq,generated,energy_only,bn_only,genq_aligned
+    DEFAULT=(W2A4 W2A3 W4A4 W8A8) ;;
+  "vit a") SOURCES=real,noise,genq DEFAULT=(W2A4 W4A4 W8A8) ;;
+  "vit b") SOURCES=generated,energy_only,bn_only DEFAULT=(W2A4 W4A4 W8A8) ;;
+  *) echo "usage: $0 resnet inversion|rest [SETTING...]  or  $0 vit a|b [SETTING...]" >&2; exit 2 ;;
+esac
+model=$1
+worker=$1-$2
+shift 2
+settings=("$@")
+[ ${#settings[@]} -gt 0 ] || settings=("${DEFAULT[@]}")
+mkdir -p "$(dirname "$WORK")"
+for setting in "${settings[@]}"; do
+  log="$(dirname "$WORK")/$worker-$setting.log"
+  genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds 0,1,2 \
+    --presets qdrop --num-calib 1024 --no-data-scarce --threads 1 --work-dir "$WORK" \
+    --out "$(dirname "$WORK")/out-$worker-$setting" --no-benchmarks-md > "$log" 2>&1
+  echo "$worker $setting rc=$? $(date -u +%FT%TZ)" >> "$(dirname "$WORK")/progress.txt"
+done
