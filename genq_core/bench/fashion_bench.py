@@ -2180,33 +2180,56 @@ def _plot_data_scarce(plt: Any, scarce: dict[str, Any], config: BenchConfig, pat
 
 
 class _RunStore:
-    """Finished runs, one JSON line each, appended as they finish (a torn last line is ignored)."""
+    """Finished runs, one JSON line each, appended as they finish (a torn line is ignored).
+
+    Several processes may share one store: a key not known yet is looked up again in what the
+    others appended since, so a run one of them finished is not run twice.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._records: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and "key" in record:
-                    self._records[record["key"]] = record
+        self._read_up_to = 0
         self.used: dict[str, dict[str, Any]] = {}
+        self._read_new_lines()
+
+    def _read_new_lines(self) -> None:
+        """Reads the complete lines appended since the last read (a line still being written waits)."""
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self._read_up_to)
+            data = handle.read()
+        end = data.rfind(b"\n") + 1
+        self._read_up_to += end
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and "key" in record:
+                self._records[record["key"]] = record
 
     def __len__(self) -> int:
         return len(self._records)
 
     def get(self, key: str) -> dict[str, Any] | None:
+        if key not in self._records:
+            self._read_new_lines()
         record = self._records.get(key)
         if record is not None:
             self.used[key] = record
         return record
 
     def add(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record, allow_nan=False) + "\n")
+        line = json.dumps(record, allow_nan=False) + "\n"
+        with self.path.open("a+b") as handle:
+            # a line torn by a process that died mid-write must not swallow this one
+            if handle.seek(0, os.SEEK_END) > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    line = "\n" + line
+            handle.write(line.encode())
             handle.flush()
             os.fsync(handle.fileno())
         self._records[record["key"]] = record

@@ -376,6 +376,33 @@ def test_noise_note_marks_differences_smaller_than_two_standard_errors() -> None
     assert fb._noise_note(row(1.0, 0.0, n=1), row(0.9, 0.0, n=1)) == ""
 
 
+def test_run_store_sees_what_another_process_finished(tmp_path: Path) -> None:
+    path = tmp_path / "runs.jsonl"
+    mine, theirs = fb._RunStore(path), fb._RunStore(path)
+    theirs.add({"key": "a", "top1": 90.0})
+    assert mine.get("a") == {"key": "a", "top1": 90.0}
+    assert mine.get("b") is None
+    # a line still being written is left for later, then read once it is complete
+    with path.open("a") as handle:
+        handle.write('{"key": "b", "to')
+    assert mine.get("b") is None
+    with path.open("a") as handle:
+        handle.write('p1": 80.0}\n')
+    assert mine.get("b") == {"key": "b", "top1": 80.0}
+    assert [record["key"] for record in mine.records()] == ["a", "b"]
+
+
+def test_run_store_keeps_a_record_appended_after_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "runs.jsonl"
+    path.write_text('{"key": "a", "top1": 90.0}\n{"key": "torn", "to')
+    store = fb._RunStore(path)
+    assert len(store) == 1
+    store.add({"key": "b", "top1": 80.0})
+    reloaded = fb._RunStore(path)
+    assert reloaded.get("a") is not None and reloaded.get("b") == {"key": "b", "top1": 80.0}
+    assert reloaded.get("torn") is None and len(reloaded) == 2
+
+
 def test_benchmarks_sections_are_replaced_independently(tmp_path: Path) -> None:
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\nhand-written intro\n")
