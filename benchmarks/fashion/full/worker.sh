@@ -10,10 +10,13 @@
 # pools. Settings after the worker's name replace the default order (e.g. `resnet rest W8A8`, to
 # balance the workers). Rerunning a worker skips what is already in the work dir; assemble.sh
 # writes the table. Progress: one line a setting in progress.txt next to the work dir.
+# A worker sees the runs the others finish, so a second worker on the same setting can start from
+# the other end, e.g. `SEEDS=2,1,0 benchmarks/fashion/full/worker.sh resnet rest W4A4`.
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 source .venv/bin/activate
 WORK=${WORK:-runs/f1024/work}
+SEEDS=${SEEDS:-0,1,2}
 case "${1:-} ${2:-}" in
   "resnet inversion") SOURCES=inversion DEFAULT=(W2A4 W2A3 W4A4 W8A8) ;;
   "resnet rest") SOURCES=real,noise,genq,generated,energy_only,bn_only,genq_aligned
@@ -29,9 +32,9 @@ settings=("$@")
 [ ${#settings[@]} -gt 0 ] || settings=("${DEFAULT[@]}")
 mkdir -p "$(dirname "$WORK")"
 for setting in "${settings[@]}"; do
-  log="$(dirname "$WORK")/$worker-$setting.log"
-  genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds 0,1,2 \
+  log="$(dirname "$WORK")/$worker-$setting-seeds${SEEDS//,/}.log"
+  genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds "$SEEDS" \
     --presets qdrop --num-calib 1024 --no-data-scarce --threads 1 --work-dir "$WORK" \
-    --out "$(dirname "$WORK")/out-$worker-$setting" --no-benchmarks-md > "$log" 2>&1
-  echo "$worker $setting rc=$? $(date -u +%FT%TZ)" >> "$(dirname "$WORK")/progress.txt"
+    --out "$(dirname "$WORK")/out-$worker-$setting-seeds${SEEDS//,/}" --no-benchmarks-md > "$log" 2>&1
+  echo "$worker $setting seeds $SEEDS rc=$? $(date -u +%FT%TZ)" >> "$(dirname "$WORK")/progress.txt"
 done
