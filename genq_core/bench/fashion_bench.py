@@ -23,6 +23,8 @@ Everything expensive is cached under the work directory: the generated pools onc
 every quantization run as one JSON line, so an interrupted benchmark continues where it stopped
 and a re-run with more settings runs only what is new. Cache entries are named by a fingerprint
 of everything they depend on (weights, generator, settings), so stale ones are never reused.
+Several processes may share one work directory (e.g. one per source, or one per seed order): the
+caches are written atomically and each run first looks for the others' finished runs.
 
 Outputs: ``fashion_bench.json`` (every run and the mean and standard deviation of each row),
 ``fashion_bench.md`` (the tables), PNG plots under ``plots/`` when matplotlib is installed, and
