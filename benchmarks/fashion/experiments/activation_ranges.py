@@ -24,13 +24,12 @@ from safetensors import safe_open
 from torch import nn
 
 from genq_core.bench.fashion_bench import BenchConfig, _FashionData, _load_classifier
-from genq_core.quant.calibration import mse_range
+from genq_core.quant.calibration import _MSE_NORM, mse_range
 from genq_core.quant.functional import fake_quantize, qparams_from_range, quant_range
 
 SOURCES = ("real", "genq", "genq_aligned", "generated", "inversion", "noise")
 TEST_IMAGES = 2048
 SAMPLES = 1 << 16
-NORM = 2.4  # the exponent of mse_range's search
 
 
 def layer_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -62,7 +61,7 @@ def error(values: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: 
     scale, zero_point = qparams_from_range(x_min, x_max, bits, symmetric=False, signed=False)
     quant_min, quant_max = quant_range(bits, signed=False)
     x_hat = fake_quantize(values, scale, zero_point, quant_min, quant_max)
-    return float((x_hat - values).abs().pow(NORM).mean())
+    return float((x_hat - values).abs().pow(_MSE_NORM).mean())
 
 
 def load_set(work: Path, source: str, seed: int) -> torch.Tensor | None:
@@ -94,12 +93,8 @@ def main(work: Path, seed: int) -> None:
             best = error(values, *mse_range(values, bits, False, False, None), bits)
             cells = []
             for source in sets:
-                ratio = (
-                    error(
-                        values, *mse_range(set_acts[source][layer], bits, False, False, None), bits
-                    )
-                    / best
-                )
+                fitted = mse_range(set_acts[source][layer], bits, False, False, None)
+                ratio = error(values, *fitted, bits) / best
                 logs[source].append(math.log(ratio))
                 cells.append(f"{ratio:.2f}")
             print(f"| {layer} | " + " | ".join(cells) + " |")

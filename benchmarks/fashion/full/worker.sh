@@ -32,9 +32,10 @@ settings=("$@")
 [ ${#settings[@]} -gt 0 ] || settings=("${DEFAULT[@]}")
 mkdir -p "$(dirname "$WORK")"
 for setting in "${settings[@]}"; do
-  log="$(dirname "$WORK")/$worker-$setting-seeds${SEEDS//,/}.log"
+  name="$worker-$setting-seeds${SEEDS//,/}"
+  log="$(dirname "$WORK")/$name.log"
   genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds "$SEEDS" \
     --presets qdrop --num-calib 1024 --no-data-scarce --threads 1 --work-dir "$WORK" \
-    --out "$(dirname "$WORK")/out-$worker-$setting-seeds${SEEDS//,/}" --no-benchmarks-md > "$log" 2>&1
+    --out "$(dirname "$WORK")/out-$name" --no-benchmarks-md > "$log" 2>&1
   echo "$worker $setting seeds $SEEDS rc=$? $(date -u +%FT%TZ)" >> "$(dirname "$WORK")/progress.txt"
 done
