@@ -3,17 +3,27 @@
 # runs nothing. Cells still missing seeds name the seeds they have.
 #   benchmarks/fashion/full/assemble.sh resnet [SETTINGS]   # section "fashion-bench-full"
 #   benchmarks/fashion/full/assemble.sh vit [SETTINGS]      # section "fashion-bench-full-vit"
+#   benchmarks/fashion/full/assemble.sh dark [SETTINGS]     # section "fashion-bench-full-dark"
 # SETTINGS: comma-separated settings to show (default all the worker's).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 source .venv/bin/activate
+SOURCES=real,genq,genq_aligned,generated,energy_only,bn_only,inversion,noise
 case "${1:-}" in
   resnet) SECTION=fashion-bench-full OUT=benchmarks/results/fashion-full DEFAULT=W8A8,W4A4,W2A4,W2A3 ;;
   vit) SECTION=fashion-bench-full-vit OUT=benchmarks/results/fashion-full-vit DEFAULT=W8A8,W4A4,W2A4 ;;
-  *) echo "usage: $0 resnet|vit [SETTINGS]" >&2; exit 2 ;;
+  dark) SECTION=fashion-bench-full-dark OUT=benchmarks/results/fashion-full-dark DEFAULT=W2A4 ;;
+  *) echo "usage: $0 resnet|vit|dark [SETTINGS]" >&2; exit 2 ;;
 esac
-genq bench fashion --models "$1" \
-  --sources real,genq,genq_aligned,generated,energy_only,bn_only,inversion,noise \
-  --settings "${2:-$DEFAULT}" --seeds 0,1,2 --presets qdrop --num-calib 1024 --no-data-scarce \
-  --threads 1 --work-dir "${WORK:-runs/f1024/work}" --cached-only -q \
+settings=${2:-$DEFAULT}
+if [ "$1" = dark ]; then
+  rows=textual_inversion,textual_inversion_with_k,plain_prompts,plain_prompts_with_k,real_k,real_full
+  args=(--models resnet --sources real --ks 5 --data-scarce-model resnet_dark
+    --data-scarce-settings "$settings" --data-scarce-seeds 0,1,2 --data-scarce-rows "$rows"
+    --generator benchmarks/assets/fashion-sd-looks)
+else
+  args=(--models "$1" --sources "$SOURCES" --no-data-scarce)
+fi
+genq bench fashion "${args[@]}" --settings "$settings" --seeds 0,1,2 --presets qdrop \
+  --num-calib 1024 --threads 1 --work-dir "${WORK:-runs/f1024/work}" --cached-only -q \
   --section "$SECTION" --out "$OUT"
