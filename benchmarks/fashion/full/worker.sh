@@ -16,7 +16,9 @@
 # at the settings given (default W2A4). Its textual-inversion tokens and pools are per seed, so
 # split its workers by seed (SEEDS=0,1 and SEEDS=2), not by order.
 # A worker sees the runs the others finish, so a second worker on the same setting can start from
-# the other end, e.g. `SEEDS=2,1,0 benchmarks/fashion/full/worker.sh resnet rest W4A4`.
+# the other end, e.g. `SEEDS=2,1,0 benchmarks/fashion/full/worker.sh resnet rest W4A4`; such a
+# worker also takes the sources in reverse order, so that on the seed where the two meet they do
+# not run the same sources side by side (a run in progress is not yet visible to the other).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 source .venv/bin/activate
@@ -33,6 +35,11 @@ case "${1:-} ${2:-}" in
   *) echo "usage: $0 resnet inversion|rest|dark [SETTING...]  or  $0 vit a|b [SETTING...]" >&2
     exit 2 ;;
 esac
+seeds=(${SEEDS//,/ })
+if [ "${seeds[0]}" -gt "${seeds[-1]}" ]; then
+  IFS=, read -ra parts <<< "$SOURCES"
+  SOURCES=$(printf '%s\n' "${parts[@]}" | tac | paste -sd,)
+fi
 model=$1
 worker=$1-$2
 shift 2
