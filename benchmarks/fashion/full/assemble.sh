@@ -17,10 +17,9 @@ case "${1:-}" in
 esac
 settings=${2:-$DEFAULT}
 if [ "$1" = dark ]; then
-  rows=textual_inversion,textual_inversion_with_k,plain_prompts,plain_prompts_with_k,real_k,real_full
-  args=(--models resnet --sources real --ks 5 --data-scarce-model resnet_dark
-    --data-scarce-settings "$settings" --data-scarce-seeds 0,1,2 --data-scarce-rows "$rows"
-    --generator benchmarks/assets/fashion-sd-looks)
+  source benchmarks/fashion/full/dark.sh
+  dark_args "$settings" 0,1,2
+  args=(--models resnet --sources real "${DARK_ARGS[@]}")
 else
   args=(--models "$1" --sources "$SOURCES" --no-data-scarce)
 fi

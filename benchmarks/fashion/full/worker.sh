@@ -24,7 +24,7 @@ cd "$(dirname "$0")/../../.."
 source .venv/bin/activate
 WORK=${WORK:-runs/f1024/work}
 SEEDS=${SEEDS:-0,1,2}
-DARK_ROWS=textual_inversion,textual_inversion_with_k,plain_prompts,plain_prompts_with_k,real_k,real_full
+source benchmarks/fashion/full/dark.sh
 case "${1:-} ${2:-}" in
   "resnet inversion") SOURCES=inversion DEFAULT=(W2A4 W2A3 W4A4 W8A8) ;;
   "resnet rest") SOURCES=real,noise,genq,generated,energy_only,bn_only,genq_aligned
@@ -48,9 +48,8 @@ settings=("$@")
 mkdir -p "$(dirname "$WORK")"
 for setting in "${settings[@]}"; do
   if [ "$worker" = resnet-dark ]; then
-    scarce=(--ks 5 --data-scarce-model resnet_dark --data-scarce-settings "$setting"
-      --data-scarce-seeds "$SEEDS" --data-scarce-rows "$DARK_ROWS"
-      --generator benchmarks/assets/fashion-sd-looks)
+    dark_args "$setting" "$SEEDS"
+    scarce=("${DARK_ARGS[@]}")
   else
     scarce=(--no-data-scarce)
   fi
