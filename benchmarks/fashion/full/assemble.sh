@@ -4,6 +4,7 @@
 #   benchmarks/fashion/full/assemble.sh resnet [SETTINGS]   # section "fashion-bench-full"
 #   benchmarks/fashion/full/assemble.sh vit [SETTINGS]      # section "fashion-bench-full-vit"
 #   benchmarks/fashion/full/assemble.sh dark [SETTINGS]     # section "fashion-bench-full-dark"
+# `dark` also writes the block's per-seed differences to $OUT/paired_seeds.txt.
 # SETTINGS: comma-separated settings to show (default all the worker's).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -26,3 +27,14 @@ fi
 genq bench fashion "${args[@]}" --settings "$settings" --seeds 0,1,2 --presets qdrop \
   --num-calib 1024 --threads 1 --work-dir "${WORK:-runs/f1024/work}" --cached-only -q \
   --section "$SECTION" --out "$OUT"
+if [ "$1" = dark ]; then
+  P=benchmarks/fashion/paired_seeds.py
+  PAIRS="textual_inversion:5-plain_prompts textual_inversion:5-real_k:5 textual_inversion_with_k:5-real_k:5
+    textual_inversion_with_k:5-plain_prompts_with_k:5 textual_inversion_with_k:5-plain_prompts
+    plain_prompts_with_k:5-real_k:5 real_k:5-real_full plain_prompts-real_full"
+  for setting in ${settings//,/ }; do
+    echo "# python $P $OUT/fashion_bench.json --setting $setting" $PAIRS
+    python $P "$OUT/fashion_bench.json" --setting "$setting" $PAIRS
+  done > "$OUT/paired_seeds.txt"
+  cat "$OUT/paired_seeds.txt"
+fi
