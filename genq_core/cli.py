@@ -214,6 +214,8 @@ def bench_fashion_command(args: argparse.Namespace) -> int:
         overrides["data_scarce_model"] = None
     if args.ti_per_class:
         overrides["textual_inversion_per_class"] = True
+    if args.kshot_share is not None:
+        overrides["kshot_share"] = args.kshot_share
     config = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genq"
@@ -543,6 +545,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="textual inversion learns one token per class, not one shared style token",
     )
+    f.add_argument(
+        "--kshot-share",
+        type=float,
+        help="share of the calibration set the k real images fill (repeated) in the rows that "
+        "add them to a generated set (default: each once)",
+    )
     f.add_argument("--ks", help="comma-separated k of the data-scarce block (default 1,5,10)")
     f.add_argument("--data-scarce-model", help="the shifted target (default resnet_shifted)")
     f.add_argument("--data-scarce-settings", help="comma-separated settings of that block")
@@ -733,6 +741,7 @@ _BENCH_FASHION_OPTIONS = (
     "ti_steps",
     "ti_lr",
     "ti_per_class",
+    "kshot_share",
     "ks",
     "data_scarce_model",
     "data_scarce_settings",

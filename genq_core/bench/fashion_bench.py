@@ -279,6 +279,9 @@ class BenchConfig:
         textual_inversion_lr: learning rate of the learned token rows.
         textual_inversion_per_class: also learn one token per class (it takes the style token's
             place in that class's prompts) instead of one shared style token only.
+        kshot_share: in the data-scarce rows that add the k real images to a generated set, the
+            share of the calibration set they fill, repeated in turn as often as that takes
+            (``None``: each k image once, the rest generated).
         test_images: evaluate on the first N test images only (``None``: all 10k).
         assets_dir: folder with ``classifiers.json``, the weights and the generator.
         generator_dir: the generator's ``save_pretrained`` folder (default
@@ -308,6 +311,7 @@ class BenchConfig:
     textual_inversion_steps: int = 500
     textual_inversion_lr: float = 5e-3
     textual_inversion_per_class: bool = False
+    kshot_share: float | None = None
     test_images: int | None = None
     assets_dir: str = "benchmarks/assets"
     generator_dir: str | None = None
@@ -360,6 +364,9 @@ class BenchConfig:
         _check(ok, "textual_inversion_lr", value, "must be a finite number > 0")
         value = self.textual_inversion_per_class
         _check(isinstance(value, bool), "textual_inversion_per_class", value, "must be a bool")
+        if self.kshot_share is not None:
+            ok = _is_number(self.kshot_share) and 0 < self.kshot_share < 1
+            _check(ok, "kshot_share", self.kshot_share, "must be in (0, 1) or None")
         ok = _is_number(self.guidance_scale) and 0 <= self.guidance_scale < math.inf
         _check(ok, "guidance_scale", self.guidance_scale, "must be a finite number >= 0")
         for k in self.data_scarce_ks:
@@ -1552,23 +1559,34 @@ def _ti_calibration(bench: _Bench, target: _Classifier, k: int, seed: int) -> _C
 def _with_kshot(
     bench: _Bench, generated: _Calibration, kshot: _Calibration, seed: int
 ) -> _Calibration:
-    """A generated set with the k real images in it: the k images first, then as many generated
-    images as the calibration size leaves room for, shuffled by ``seed``. Its time is the generated
-    set's (the k images cost nothing to make)."""
+    """A generated set with the k real images in it, shuffled by ``seed``: the k images once and
+    as many generated images as the calibration size leaves room for, or (``kshot_share``) the k
+    images repeated in turn over that share of the calibration size and generated images in the
+    rest. Its time is the generated set's (the k images cost nothing to make)."""
     name = f"{generated.name} + the k images"
     if generated.images is None or kshot.images is None:
         return _Calibration(
             name, "", None, generated.info if generated.images is None else kshot.info
         )
-    room = max(bench.config.num_calibration - kshot.images.shape[0], 0)
-    images = torch.cat([kshot.images, generated.images[:room]])[: bench.config.num_calibration]
+    n = bench.config.num_calibration
+    share = bench.config.kshot_share
+    real = kshot.images if share is None else _repeat_to(kshot.images, round(share * n))
+    room = max(n - real.shape[0], 0)
+    images = torch.cat([real, generated.images[:room]])[:n]
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
     # the key is still "ti" (the first set it named) so that cached runs keep their fingerprints
-    fingerprint = _fingerprint(
-        {"ti": generated.fingerprint, "kshot": kshot.fingerprint, "n": bench.config.num_calibration}
-    )
-    info = {**generated.info, "images": int(images.shape[0])}
-    return _Calibration(name, fingerprint, images[order], info)
+    parts: dict[str, Any] = {"ti": generated.fingerprint, "kshot": kshot.fingerprint, "n": n}
+    if share is not None:
+        parts["share"] = share
+        name += f" ({share:g} of the set)"
+    info = {**generated.info, "images": int(images.shape[0]), "kshot_slots": int(real.shape[0])}
+    return _Calibration(name, _fingerprint(parts), images[order], info)
+
+
+def _repeat_to(images: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows of ``images``, taken in turn from the first (at least one row)."""
+    count = max(count, 1)
+    return images[torch.arange(count) % images.shape[0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1925,6 +1943,11 @@ def _data_scarce_markdown(scarce: dict[str, Any], config: BenchConfig) -> list[s
         "GenQ rows use the same pool size and filters as the main table. Top-1 (%), mean ± std "
         f"over seeds {list(config.scarce_seeds)}.",
     ]
+    if config.kshot_share is not None:
+        lines[-1] += (
+            f" In the rows with the k images added, they fill {config.kshot_share:g} of the "
+            "calibration set (repeated in turn), generated images the rest."
+        )
     for setting in (setting_name(s) for s in config.data_scarce_settings):
         lines += [
             "",

@@ -4,7 +4,8 @@
 #   benchmarks/fashion/full/assemble.sh resnet [SETTINGS]   # section "fashion-bench-full"
 #   benchmarks/fashion/full/assemble.sh vit [SETTINGS]      # section "fashion-bench-full-vit"
 #   benchmarks/fashion/full/assemble.sh dark [SETTINGS]     # section "fashion-bench-full-dark"
-# `dark` also writes the block's per-seed differences to $OUT/paired_seeds.txt.
+# `dark` also writes the block's per-seed differences to $OUT/paired_seeds.txt. With KSHOT_SHARE
+# set, `dark` writes the runs with that share (section and folder named with "-share$KSHOT_SHARE").
 # SETTINGS: comma-separated settings to show (default all the worker's).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -19,6 +20,8 @@ esac
 settings=${2:-$DEFAULT}
 if [ "$1" = dark ]; then
   source benchmarks/fashion/full/dark.sh
+  SECTION+=$(dark_suffix)
+  OUT+=$(dark_suffix)
   dark_args "$settings" 0,1,2
   args=(--models resnet --sources real "${DARK_ARGS[@]}")
 else

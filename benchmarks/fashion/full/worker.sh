@@ -14,7 +14,8 @@
 # `resnet dark` runs the data-scarce block of item 8 on the dark target with the look-captioned
 # generator (as the reduced dark sections of BENCHMARKS.md): k = 5, the rows without BN alignment,
 # at the settings given (default W2A4). Its textual-inversion tokens and pools are per seed, so
-# split its workers by seed (SEEDS=0,1 and SEEDS=2), not by order.
+# split its workers by seed (SEEDS=0,1 and SEEDS=2), not by order. KSHOT_SHARE=0.5 runs it with
+# the k real images filling half of the sets they are added to (see dark.sh).
 # A worker sees the runs the others finish, so a second worker on the same setting can start from
 # the other end, e.g. `SEEDS=2,1,0 benchmarks/fashion/full/worker.sh resnet rest W4A4`; such a
 # worker also takes the sources in reverse order, so that on the seed where the two meet they do
@@ -54,6 +55,7 @@ for setting in "${settings[@]}"; do
     scarce=(--no-data-scarce)
   fi
   name="$worker-$setting-seeds${SEEDS//,/}"
+  [ "$worker" != resnet-dark ] || name+=$(dark_suffix)
   log="$(dirname "$WORK")/$name.log"
   genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds "$SEEDS" \
     --presets qdrop --num-calib 1024 "${scarce[@]}" --threads 1 --work-dir "$WORK" \

@@ -15,6 +15,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -362,8 +363,37 @@ def test_config_checks_and_serialises() -> None:
         fb.BenchConfig(textual_inversion_lr=0.0)
     with pytest.raises(ValueError, match="textual_inversion_per_class"):
         fb.BenchConfig(textual_inversion_per_class=1)  # type: ignore[arg-type]
+    shared = fb.BenchConfig(kshot_share=0.5)
+    assert fb.BenchConfig.from_dict(shared.to_dict()) == shared
+    for bad_share in (0.0, 1.0, -0.5, float("nan"), "half"):
+        with pytest.raises(ValueError, match="kshot_share"):
+            fb.BenchConfig(kshot_share=bad_share)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown BenchConfig keys"):
         fb.BenchConfig.from_dict({"bogus": 1})
+
+
+def test_k_images_fill_their_share_of_the_set_when_asked() -> None:
+    generated = fb._Calibration(
+        "gen", "g", torch.arange(100, 140.0).view(40, 1, 1, 1), {"images": 40}
+    )
+    kshot = fb._Calibration("k", "k", torch.arange(3.0).view(3, 1, 1, 1), {"images": 3})
+
+    def mixed(share: float | None) -> fb._Calibration:
+        bench = SimpleNamespace(config=fb.BenchConfig(num_calibration=20, kshot_share=share))
+        return fb._with_kshot(bench, generated, kshot, seed=0)  # type: ignore[arg-type]
+
+    once, half = mixed(None), mixed(0.5)
+    for calibration in (once, half):
+        assert calibration.images is not None and calibration.images.shape[0] == 20
+    assert once.images is not None and half.images is not None
+    assert sorted(v for v in once.images.flatten().tolist() if v < 100) == [0, 1, 2]
+    real = sorted(v for v in half.images.flatten().tolist() if v < 100)
+    assert real == [0.0] * 4 + [1.0] * 3 + [2.0] * 3  # 10 slots, the k images in turn
+    generated_used = sorted(v for v in half.images.flatten().tolist() if v >= 100)
+    assert generated_used == [100.0 + i for i in range(10)]  # the first generated images
+    assert half.info["kshot_slots"] == 10 and once.info["kshot_slots"] == 3
+    assert half.fingerprint != once.fingerprint != mixed(0.25).fingerprint
+    assert "0.5 of the set" in half.name
 
 
 def test_noise_note_marks_differences_smaller_than_two_standard_errors() -> None:
