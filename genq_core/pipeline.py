@@ -150,17 +150,24 @@ class DataScarceConfig:
             class names of the classifier).
         inversion: textual inversion settings.
         calibrate_with_kshot: also put the k-shot images in the quantizer's calibration set
-            (first, ahead of the generated ones). On the reference benchmark's data-scarce block
-            this beat the generated set alone by 0.3-0.4 points at W2A4 and W2A3 (BENCHMARKS.md).
+            (first, ahead of the generated ones). See BENCHMARKS.md, data-scarce sections, for
+            what it was worth on the reference benchmark.
+        kshot_share: with ``calibrate_with_kshot``, the share of the quantizer's calibration set
+            the k-shot images fill, repeated class by class in turn as often as that takes;
+            ``None``: each k-shot image once.
     """
 
     kshot_dir: str
     inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     calibrate_with_kshot: bool = True
+    kshot_share: float | None = None
 
     def __post_init__(self) -> None:
         if not self.kshot_dir.strip():
             raise ValueError("kshot_dir: must not be empty")
+        share = self.kshot_share
+        if share is not None and not (isinstance(share, int | float) and 0 < share < 1):
+            raise ValueError(f"kshot_share: must be in (0, 1) or null, got {share!r}")
 
 
 @dataclass(frozen=True)
@@ -738,14 +745,15 @@ def quantizer_calibration(
     calibration: torch.Tensor, classifier: LoadedClassifier, config: GenQConfig
 ) -> tuple[torch.Tensor, int]:
     """Step 6's calibration set as the quantizer takes it: in the data-scarce mode the k-shot
-    images first (class by class in turn), then ``calibration``; at most
-    ``quant.max_calibration_images`` of them.
+    images first (class by class in turn; with ``kshot_share``, repeated in that order over that
+    share of the set), then ``calibration``; at most ``quant.max_calibration_images`` of them.
 
     Returns:
         ``(images, how many of them are k-shot images)``.
     """
     scarce = config.data_scarce
     kshot_count = 0
+    limit = config.quant.max_calibration_images if config.quant is not None else None
     if scarce is not None and scarce.calibrate_with_kshot:
         kshot, labels, _ = _labelled_folder(
             Path(scarce.kshot_dir), classifier, "data_scarce.kshot_dir"
@@ -756,9 +764,15 @@ def quantizer_calibration(
                 f"generated ones to {tuple(calibration.shape[1:])}"
             )
         kshot = kshot[_interleave(_class_rows(kshot.shape[0], labels))]
-        calibration = torch.cat([kshot, calibration])
+        total = kshot.shape[0] + calibration.shape[0]
+        if limit is not None:
+            total = min(total, limit)
+        if scarce.kshot_share is not None:
+            # the set keeps the size it has with each k-shot image once
+            slots = max(round(scarce.kshot_share * total), 1)
+            kshot = kshot[torch.arange(slots) % kshot.shape[0]]
+        calibration = torch.cat([kshot, calibration])[:total]
         kshot_count = kshot.shape[0]
-    limit = config.quant.max_calibration_images if config.quant is not None else None
     if limit is not None:
         calibration = calibration[:limit]
         kshot_count = min(kshot_count, limit)

@@ -392,6 +392,7 @@ class _Resolver:
                         steps=scarce.steps, lr=scarce.lr, seed=scarce.seed
                     ),
                     calibrate_with_kshot=scarce.calibrate_with_kshot,
+                    kshot_share=scarce.kshot_share,
                 ),
             )
         return sections

@@ -317,3 +317,23 @@ def test_quantizer_calibration_puts_the_kshot_images_first_and_keeps_the_cap(
     plain = dataclasses.replace(config, data_scarce=None)
     images, count = quantizer_calibration(generated, classifier, plain)
     assert count == 0 and torch.equal(images, generated)
+
+    # with a share: the k-shot images in the same order, repeated over that share of the set
+    half = dataclasses.replace(
+        config, data_scarce=dataclasses.replace(config.data_scarce, kshot_share=0.5)
+    )
+    images, count = quantizer_calibration(generated, classifier, half)
+    assert count == 3 and images.shape == (6, 1, 28, 28)
+    assert torch.equal(images[:3], real[[0, 2, 1]]) and torch.all(images[3:] == 7.0)
+    assert half.quant is not None
+    uncapped = dataclasses.replace(
+        half, quant=dataclasses.replace(half.quant, max_calibration_images=None)
+    )
+    many = torch.full((14, 1, 28, 28), 7.0)
+    images, count = quantizer_calibration(many, classifier, uncapped)
+    # 4 + 14 images with each k-shot image once; half of 18 are k-shot images, in turn
+    assert count == 9 and images.shape[0] == 18
+    assert torch.equal(images[:9], real[[0, 2, 1, 3, 0, 2, 1, 3, 0]])
+    for bad in (0.0, 1.0, True):
+        with pytest.raises(ValueError, match="kshot_share"):
+            dataclasses.replace(config.data_scarce, kshot_share=bad)

@@ -120,6 +120,22 @@ def test_hub_models_pass_through_and_the_quantizer_takes_the_request_settings(
     )
 
 
+def test_the_data_scarce_section_takes_the_request_settings(
+    settings: WorkerSettings, storages: Any, store: JobStore
+) -> None:
+    upload(storages, "ks1", "images.zip", zip_bytes({"bag/1.png": b"x", "coat/2.png": b"y"}))
+    body: dict[str, Any] = {
+        "kind": "genq",
+        "model": {"source": "builtin", "name": "fashion-bn-cnn"},
+        "generator": {"source": "hub", "name": "stabilityai/sd-turbo"},
+        "data_scarce": {"kshot_upload_id": "ks1", "steps": 3, "kshot_share": 0.25},
+    }
+    scarce = resolve_job(record(body), store, storages, settings).config.data_scarce
+    assert scarce is not None and scarce.kshot_share == 0.25 and scarce.calibrate_with_kshot
+    assert scarce.inversion.steps == 3
+    assert sorted(p.name for p in Path(scarce.kshot_dir).rglob("*.png")) == ["1.png", "2.png"]
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
