@@ -585,6 +585,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--section",
+        type=_section_name,
         default="fashion-bench",
         help="BENCHMARKS.md section to replace (default fashion-bench; another name, e.g. "
         "fashion-bench-vit, keeps a second table)",
@@ -916,6 +917,15 @@ class _ProgressBars:
             bar = tqdm(total=total, desc=stage, disable=self.disable, file=sys.stderr)
             self.bars[stage] = bar
         bar.update(done - bar.n)
+
+
+def _section_name(text: str) -> str:
+    from genq_core.bench.fashion_bench import check_section_name
+
+    try:
+        return check_section_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("section: ")) from err
 
 
 def _positive_int(text: str) -> int:

@@ -106,6 +106,7 @@ __all__ = [
     "SOURCES",
     "BenchConfig",
     "BenchResult",
+    "check_section_name",
     "markdown_tables",
     "parse_setting",
     "run_benchmark",
@@ -714,6 +715,17 @@ def markdown_tables(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_section_name(section: str) -> str:
+    """``section`` if it can name a BENCHMARKS.md section: letters, digits and ``-``.
+
+    Raises:
+        ValueError: it cannot; the message names it.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", section):
+        raise ValueError(f"section: expected letters, digits and '-', got {section!r}")
+    return section
+
+
 def write_benchmarks_section(
     path: Path, markdown: str, plots: Sequence[Path] = (), section: str = SECTION
 ) -> None:
@@ -725,8 +737,7 @@ def write_benchmarks_section(
     Raises:
         ValueError: ``section`` is not made of letters, digits and ``-``.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", section):
-        raise ValueError(f"section: expected letters, digits and '-', got {section!r}")
+    check_section_name(section)
     body = markdown
     if plots:
         links = []

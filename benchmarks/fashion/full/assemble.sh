@@ -5,7 +5,7 @@
 #   benchmarks/fashion/full/assemble.sh vit [SETTINGS]      # section "fashion-bench-full-vit"
 #   benchmarks/fashion/full/assemble.sh dark [SETTINGS]     # section "fashion-bench-full-dark"
 # `dark` also writes the block's per-seed differences to $OUT/paired_seeds.txt. With KSHOT_SHARE
-# set, `dark` writes the runs with that share (section and folder named with "-share$KSHOT_SHARE").
+# set, `dark` writes the runs with that share (folder named with "-share$KSHOT_SHARE", section the same without the dot).
 # SETTINGS: comma-separated settings to show (default all the worker's).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -20,7 +20,7 @@ esac
 settings=${2:-$DEFAULT}
 if [ "$1" = dark ]; then
   source benchmarks/fashion/full/dark.sh
-  SECTION+=$(dark_suffix)
+  SECTION+=$(dark_suffix | tr -d .)  # a section name has no dots: share0.5 -> share05
   OUT+=$(dark_suffix)
   dark_args "$settings" 0,1,2
   args=(--models resnet --sources real "${DARK_ARGS[@]}")

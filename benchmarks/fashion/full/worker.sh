@@ -60,5 +60,5 @@ for setting in "${settings[@]}"; do
   genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds "$SEEDS" \
     --presets qdrop --num-calib 1024 "${scarce[@]}" --threads 1 --work-dir "$WORK" \
     --out "$(dirname "$WORK")/out-$name" --no-benchmarks-md > "$log" 2>&1
-  echo "$worker $setting seeds $SEEDS rc=$? $(date -u +%FT%TZ)" >> "$(dirname "$WORK")/progress.txt"
+  echo "$name rc=$? $(date -u +%FT%TZ)" >> "$(dirname "$WORK")/progress.txt"
 done

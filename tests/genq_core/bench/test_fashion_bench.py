@@ -448,6 +448,19 @@ def test_benchmarks_sections_are_replaced_independently(tmp_path: Path) -> None:
         fb.write_benchmarks_section(path, "x", section="bad name -->")
 
 
+def test_a_bad_section_name_stops_the_cli_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "fashion", "--section", "dark-share0.5", "--work-dir", str(work)])
+    assert stopped.value.code == 2
+    assert "--section: expected letters, digits and '-', got 'dark-share0.5'" in (
+        capsys.readouterr().err
+    )
+    assert not work.exists()
+
+
 def test_cached_only_reports_what_was_run_and_runs_nothing(
     bench_run: tuple[fb.BenchResult, Path], tiny_config: fb.BenchConfig
 ) -> None:
