@@ -153,8 +153,9 @@ class DataScarceConfig:
             (first, ahead of the generated ones). See BENCHMARKS.md, data-scarce sections, for
             what it was worth on the reference benchmark.
         kshot_share: with ``calibrate_with_kshot``, the share of the quantizer's calibration set
-            the k-shot images fill, repeated class by class in turn as often as that takes;
-            ``None``: each k-shot image once.
+            the k-shot images fill at least, repeated class by class in turn as often as that
+            takes (more k-shot images than that share are each used once); ``None``: each k-shot
+            image once.
     """
 
     kshot_dir: str
@@ -745,8 +746,9 @@ def quantizer_calibration(
     calibration: torch.Tensor, classifier: LoadedClassifier, config: GenQConfig
 ) -> tuple[torch.Tensor, int]:
     """Step 6's calibration set as the quantizer takes it: in the data-scarce mode the k-shot
-    images first (class by class in turn; with ``kshot_share``, repeated in that order over that
-    share of the set), then ``calibration``; at most ``quant.max_calibration_images`` of them.
+    images first (class by class in turn; with ``kshot_share``, repeated in that order until they
+    fill that share of the set), then ``calibration``; at most ``quant.max_calibration_images`` of
+    them.
 
     Returns:
         ``(images, how many of them are k-shot images)``.
@@ -769,7 +771,7 @@ def quantizer_calibration(
             total = min(total, limit)
         if scarce.kshot_share is not None:
             # the set keeps the size it has with each k-shot image once
-            slots = max(round(scarce.kshot_share * total), 1)
+            slots = max(round(scarce.kshot_share * total), kshot.shape[0])
             kshot = kshot[torch.arange(slots) % kshot.shape[0]]
         calibration = torch.cat([kshot, calibration])[:total]
         kshot_count = kshot.shape[0]

@@ -281,8 +281,8 @@ class BenchConfig:
         textual_inversion_per_class: also learn one token per class (it takes the style token's
             place in that class's prompts) instead of one shared style token only.
         kshot_share: in the data-scarce rows that add the k real images to a generated set, the
-            share of the calibration set they fill, repeated in turn as often as that takes
-            (``None``: each k image once, the rest generated).
+            share of the calibration set they fill at least, repeated in turn as often as that
+            takes (``None``: each k image once, the rest generated).
         test_images: evaluate on the first N test images only (``None``: all 10k).
         assets_dir: folder with ``classifiers.json``, the weights and the generator.
         generator_dir: the generator's ``save_pretrained`` folder (default
@@ -1595,8 +1595,9 @@ def _with_kshot(
 
 
 def _repeat_to(images: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` rows of ``images``, taken in turn from the first (at least one row)."""
-    count = max(count, 1)
+    """The rows of ``images`` taken in turn until there are ``count`` (each once if there are
+    already that many)."""
+    count = max(count, images.shape[0])
     return images[torch.arange(count) % images.shape[0]]
 
 

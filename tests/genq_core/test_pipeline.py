@@ -318,13 +318,14 @@ def test_quantizer_calibration_puts_the_kshot_images_first_and_keeps_the_cap(
     images, count = quantizer_calibration(generated, classifier, plain)
     assert count == 0 and torch.equal(images, generated)
 
-    # with a share: the k-shot images in the same order, repeated over that share of the set
+    # with a share: the k-shot images in the same order, repeated until they fill that share of
+    # the set; more of them than the share are each used once
     half = dataclasses.replace(
         config, data_scarce=dataclasses.replace(config.data_scarce, kshot_share=0.5)
     )
     images, count = quantizer_calibration(generated, classifier, half)
-    assert count == 3 and images.shape == (6, 1, 28, 28)
-    assert torch.equal(images[:3], real[[0, 2, 1]]) and torch.all(images[3:] == 7.0)
+    assert count == 4 and images.shape == (6, 1, 28, 28)
+    assert torch.equal(images[:4], real[[0, 2, 1, 3]]) and torch.all(images[4:] == 7.0)
     assert half.quant is not None
     uncapped = dataclasses.replace(
         half, quant=dataclasses.replace(half.quant, max_calibration_images=None)

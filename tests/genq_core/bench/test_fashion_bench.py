@@ -393,6 +393,8 @@ def test_k_images_fill_their_share_of_the_set_when_asked() -> None:
     assert generated_used == [100.0 + i for i in range(10)]  # the first generated images
     assert half.info["kshot_slots"] == 10 and once.info["kshot_slots"] == 3
     assert half.fingerprint != once.fingerprint != mixed(0.25).fingerprint
+    # a share smaller than the k images: each once
+    assert sorted(fb._repeat_to(torch.arange(5.0), 3).tolist()) == [0, 1, 2, 3, 4]
     assert "0.5 of the set" in half.name
 
 
