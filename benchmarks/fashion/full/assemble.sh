@@ -18,11 +18,13 @@ case "${1:-}" in
   *) echo "usage: $0 resnet|vit|dark [SETTINGS]" >&2; exit 2 ;;
 esac
 settings=${2:-$DEFAULT}
+DARK_KS=${DARK_KS:-}
 if [ "$1" = dark ]; then
   source benchmarks/fashion/full/dark.sh
   SECTION+=$(dark_suffix | tr -d .)  # a section name has no dots: share0.5 -> share05
   OUT+=$(dark_suffix)
   dark_args "$settings" 0,1,2
+  DARK_KS=${DARK_KS:-5}
   args=(--models resnet --sources real "${DARK_ARGS[@]}")
 else
   args=(--models "$1" --sources "$SOURCES" --no-data-scarce)
@@ -32,9 +34,14 @@ genq bench fashion "${args[@]}" --settings "$settings" --seeds 0,1,2 --presets q
   --section "$SECTION" --out "$OUT"
 if [ "$1" = dark ]; then
   P=benchmarks/fashion/paired_seeds.py
-  PAIRS="textual_inversion:5-plain_prompts textual_inversion:5-real_k:5 textual_inversion_with_k:5-real_k:5
-    textual_inversion_with_k:5-plain_prompts_with_k:5 textual_inversion_with_k:5-plain_prompts
-    plain_prompts_with_k:5-real_k:5 real_k:5-real_full plain_prompts-real_full"
+  PAIRS=""
+  for k in ${DARK_KS//,/ }; do
+    PAIRS+=" textual_inversion:$k-plain_prompts textual_inversion:$k-real_k:$k
+      textual_inversion_with_k:$k-real_k:$k textual_inversion_with_k:$k-plain_prompts_with_k:$k
+      textual_inversion_with_k:$k-plain_prompts plain_prompts_with_k:$k-real_k:$k
+      real_k:$k-real_full"
+  done
+  PAIRS+=" plain_prompts-real_full"
   for setting in ${settings//,/ }; do
     echo "# python $P $OUT/fashion_bench.json --setting $setting" $PAIRS
     python $P "$OUT/fashion_bench.json" --setting "$setting" $PAIRS
