@@ -192,8 +192,8 @@ class DataScarceSpec(_Spec):
     """Textual inversion on k real images per class (an upload of a folder per class).
 
     ``calibrate_with_kshot``: the k real images also go into the quantizer's calibration set,
-    ahead of the generated ones; ``kshot_share``: the share of that set they fill, repeated
-    (``None``: each once; ``genq_core.pipeline.DataScarceConfig``).
+    ahead of the generated ones; ``kshot_share``: the share of that set they fill at least,
+    repeated (``None``: each once; ``genq_core.pipeline.DataScarceConfig``).
     """
 
     kshot_upload_id: str = Field(pattern=_ID_PATTERN)
@@ -201,7 +201,7 @@ class DataScarceSpec(_Spec):
     lr: float = Field(default=5e-3, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     calibrate_with_kshot: bool = True
-    kshot_share: float | None = Field(default=None, gt=0.0, lt=1.0)
+    kshot_share: float | None = Field(default=0.5, gt=0.0, lt=1.0)
 
 
 class CalibrationSpec(_Spec):

@@ -318,23 +318,22 @@ def test_quantizer_calibration_puts_the_kshot_images_first_and_keeps_the_cap(
     images, count = quantizer_calibration(generated, classifier, plain)
     assert count == 0 and torch.equal(images, generated)
 
-    # with a share: the k-shot images in the same order, repeated until they fill that share of
-    # the set; more of them than the share are each used once
-    half = dataclasses.replace(
-        config, data_scarce=dataclasses.replace(config.data_scarce, kshot_share=0.5)
-    )
-    images, count = quantizer_calibration(generated, classifier, half)
-    assert count == 4 and images.shape == (6, 1, 28, 28)
-    assert torch.equal(images[:4], real[[0, 2, 1, 3]]) and torch.all(images[4:] == 7.0)
-    assert half.quant is not None
+    # by default the k-shot images fill at least half of the set, repeated in the same order
+    # (above, 4 of 6 were more than half: each was used once)
+    assert config.data_scarce.kshot_share == 0.5 and config.quant is not None
     uncapped = dataclasses.replace(
-        half, quant=dataclasses.replace(half.quant, max_calibration_images=None)
+        config, quant=dataclasses.replace(config.quant, max_calibration_images=None)
     )
     many = torch.full((14, 1, 28, 28), 7.0)
     images, count = quantizer_calibration(many, classifier, uncapped)
-    # 4 + 14 images with each k-shot image once; half of 18 are k-shot images, in turn
-    assert count == 9 and images.shape[0] == 18
+    # the set keeps its size with each k-shot image once (4 + 14); half of it are k-shot images
+    assert count == 9 and images.shape[0] == 18 and torch.all(images[9:] == 7.0)
     assert torch.equal(images[:9], real[[0, 2, 1, 3, 0, 2, 1, 3, 0]])
+    once = dataclasses.replace(
+        uncapped, data_scarce=dataclasses.replace(config.data_scarce, kshot_share=None)
+    )
+    images, count = quantizer_calibration(many, classifier, once)
+    assert count == 4 and images.shape[0] == 18 and torch.equal(images[:4], real[[0, 2, 1, 3]])
     for bad in (0.0, 1.0, True):
         with pytest.raises(ValueError, match="kshot_share"):
             dataclasses.replace(config.data_scarce, kshot_share=bad)

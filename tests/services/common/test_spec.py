@@ -126,9 +126,10 @@ def test_hashes() -> None:
     without = {**scarce, "data_scarce": {"kshot_upload_id": "k1", "calibrate_with_kshot": False}}
     assert generation_fingerprint(parse(scarce)) == generation_fingerprint(parse(without))
     assert request_hash(parse(scarce)) != request_hash(parse(without))
-    half = {**scarce, "data_scarce": {"kshot_upload_id": "k1", "kshot_share": 0.5}}
-    assert generation_fingerprint(parse(scarce)) == generation_fingerprint(parse(half))
-    assert request_hash(parse(scarce)) != request_hash(parse(half))
+    for share in (0.25, None):  # the default is 0.5
+        other = {**scarce, "data_scarce": {"kshot_upload_id": "k1", "kshot_share": share}}
+        assert generation_fingerprint(parse(scarce)) == generation_fingerprint(parse(other))
+        assert request_hash(parse(scarce)) != request_hash(parse(other))
     for bad in (0, 1, 1.5, "half"):
         with pytest.raises(ValidationError, match="kshot_share"):
             parse({**scarce, "data_scarce": {"kshot_upload_id": "k1", "kshot_share": bad}})
