@@ -548,8 +548,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--kshot-share",
         type=float,
-        help="share of the calibration set the k real images fill (repeated) in the rows that "
-        "add them to a generated set (default: each once)",
+        help="share of the calibration set the k real images fill at least (repeated) in the "
+        "rows that add them to a generated set (default: each once; GenQ jobs use 0.5)",
     )
     f.add_argument("--ks", help="comma-separated k of the data-scarce block (default 1,5,10)")
     f.add_argument("--data-scarce-model", help="the shifted target (default resnet_shifted)")
