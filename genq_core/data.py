@@ -24,6 +24,7 @@ __all__ = [
     "load_image_folder",
     "load_labelled_image_folder",
     "load_tensor_file",
+    "repeat_in_turn",
 ]
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,13 @@ def load_tensor_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
             raise ValueError(f"{file}: labels must be a [N] tensor matching the images")
         labels = labels.long()
     return images.float(), labels
+
+
+def repeat_in_turn(images: torch.Tensor, count: int) -> torch.Tensor:
+    """The rows of ``images`` taken in turn (first, second, ..., first again) until there are
+    ``count`` of them; each row once if there are already that many."""
+    count = max(count, images.shape[0])
+    return images[torch.arange(count) % images.shape[0]]
 
 
 def _image_files(root: Path, allow_empty: bool = False) -> list[Path]:

@@ -49,7 +49,7 @@ import genq_core
 from genq_core.baselines import ModelInversionConfig, gaussian_noise, model_inversion
 from genq_core.classifier import Builder, ClassifierConfig, LoadedClassifier, load
 from genq_core.configio import load_config, to_dict
-from genq_core.data import load_image_folder, load_labelled_image_folder
+from genq_core.data import load_image_folder, load_labelled_image_folder, repeat_in_turn
 from genq_core.evaluate import accuracy, agreement, model_size
 from genq_core.filters import FilterConfig, FilterReport, apply_filters
 from genq_core.generate import (
@@ -773,8 +773,7 @@ def quantizer_calibration(
             total = min(total, limit)
         if scarce.kshot_share is not None:
             # the set keeps the size it has with each k-shot image once
-            slots = max(round(scarce.kshot_share * total), kshot.shape[0])
-            kshot = kshot[torch.arange(slots) % kshot.shape[0]]
+            kshot = repeat_in_turn(kshot, round(scarce.kshot_share * total))
         calibration = torch.cat([kshot, calibration])[:total]
         kshot_count = kshot.shape[0]
     if limit is not None:

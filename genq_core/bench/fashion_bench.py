@@ -71,7 +71,7 @@ from genq_core.bench.fashion_mnist import (
     to_float_images,
 )
 from genq_core.bench.runinfo import cpu_name, file_sha256
-from genq_core.data import Preprocessing
+from genq_core.data import Preprocessing, repeat_in_turn
 from genq_core.filters import (
     FilterConfig,
     FilterReport,
@@ -1581,7 +1581,7 @@ def _with_kshot(
         )
     n = bench.config.num_calibration
     share = bench.config.kshot_share
-    real = kshot.images if share is None else _repeat_to(kshot.images, round(share * n))
+    real = kshot.images if share is None else repeat_in_turn(kshot.images, round(share * n))
     room = max(n - real.shape[0], 0)
     images = torch.cat([real, generated.images[:room]])[:n]
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -1592,13 +1592,6 @@ def _with_kshot(
         name += f" ({share:g} of the set)"
     info = {**generated.info, "images": int(images.shape[0]), "kshot_slots": int(real.shape[0])}
     return _Calibration(name, _fingerprint(parts), images[order], info)
-
-
-def _repeat_to(images: torch.Tensor, count: int) -> torch.Tensor:
-    """The rows of ``images`` taken in turn until there are ``count`` (each once if there are
-    already that many)."""
-    count = max(count, images.shape[0])
-    return images[torch.arange(count) % images.shape[0]]
 
 
 # ---------------------------------------------------------------------------------------------

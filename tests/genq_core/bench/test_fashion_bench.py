@@ -26,6 +26,7 @@ from genq_core.bench.classifiers import small_resnet_fmnist
 from genq_core.bench.fashion_mnist import dataset_available, normalize, to_float_images
 from genq_core.bench.runinfo import file_sha256
 from genq_core.cli import main
+from genq_core.data import repeat_in_turn
 from genq_core.generate.tiny import build_tiny_pipeline
 
 pytestmark = pytest.mark.skipif(
@@ -394,7 +395,7 @@ def test_k_images_fill_their_share_of_the_set_when_asked() -> None:
     assert half.info["kshot_slots"] == 10 and once.info["kshot_slots"] == 3
     assert half.fingerprint != once.fingerprint != mixed(0.25).fingerprint
     # a share smaller than the k images: each once
-    assert sorted(fb._repeat_to(torch.arange(5.0), 3).tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(repeat_in_turn(torch.arange(5.0), 3).tolist()) == [0, 1, 2, 3, 4]
     assert "0.5 of the set" in half.name
 
 
