@@ -41,6 +41,23 @@ def per_seed(runs: list[dict[str, Any]], name: str, setting: str, preset: str) -
     return found
 
 
+def paired_difference(
+    a: dict[int, float], b: dict[int, float]
+) -> tuple[list[int], float, float, str]:
+    """``a - b`` on the seeds both have: the seeds, the mean difference, its standard error (NaN
+    with one seed) and the differences by seed as text (``0: +0.18, 1: +0.05``)."""
+    seeds = sorted(set(a) & set(b))
+    differences = [a[s] - b[s] for s in seeds]
+    mean = statistics.fmean(differences)
+    error = (
+        statistics.stdev(differences) / math.sqrt(len(differences))
+        if len(differences) > 1
+        else float("nan")
+    )
+    by_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(seeds, differences, strict=True))
+    return seeds, mean, error, by_seed
+
+
 def merged_runs(reports: list[Path]) -> list[dict[str, Any]]:
     """The data-scarce runs of every report; a run in several must agree on its top-1."""
     by_key: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -81,16 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{pair!r}: expected FIRST-SECOND")
         a = per_seed(runs, first, args.setting, args.preset)
         b = per_seed(runs, second, args.setting, args.preset)
-        seeds = sorted(set(a) & set(b))
-        differences = [a[s] - b[s] for s in seeds]
-        mean = statistics.fmean(differences)
-        error = (
-            statistics.stdev(differences) / math.sqrt(len(differences))
-            if len(differences) > 1
-            else float("nan")
-        )
+        seeds, mean, error, by_seed = paired_difference(a, b)
         verdict = "outside" if abs(mean) > 2 * error else "within"
-        by_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(seeds, differences, strict=True))
         print(
             f"{first} - {second} ({args.setting} {args.preset}, {len(seeds)} seeds): "
             f"{mean:+.2f} ± {error:.2f} s.e. ({verdict} two s.e.); by seed {by_seed}"

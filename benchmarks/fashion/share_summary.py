@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from paired_seeds import per_seed
+from paired_seeds import paired_difference, per_seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,13 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             values = list(top1.values())
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             line = f"  {label}: {statistics.fmean(values):.2f} ± {std:.2f} ({len(values)} seeds)"
-            seeds = sorted(set(top1) & set(base))
-            if label != base_label and seeds:
-                diffs = [top1[s] - base[s] for s in seeds]
-                mean = statistics.fmean(diffs)
-                se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-                by_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(seeds, diffs, strict=True))
-                line += f"; {mean:+.2f} ± {se:.2f} s.e. (by seed {by_seed})"
+            if label != base_label and set(top1) & set(base):
+                _, mean, error, by_seed = paired_difference(top1, base)
+                line += f"; {mean:+.2f} ± {error:.2f} s.e. (by seed {by_seed})"
             print(line)
     return 0
 
