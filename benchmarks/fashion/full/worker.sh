@@ -51,13 +51,15 @@ for setting in "${settings[@]}"; do
   if [ "$worker" = resnet-dark ]; then
     dark_args "$setting" "$SEEDS"
     scarce=("${DARK_ARGS[@]}")
+    main_seeds=0  # the block's seeds are --data-scarce-seeds; the main table's real row needs one
   else
     scarce=(--no-data-scarce)
+    main_seeds=$SEEDS
   fi
   name="$worker-$setting-seeds${SEEDS//,/}"
   [ "$worker" != resnet-dark ] || name+=$(dark_suffix)
   log="$(dirname "$WORK")/$name.log"
-  genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds "$SEEDS" \
+  genq bench fashion --models "$model" --sources "$SOURCES" --settings "$setting" --seeds "$main_seeds" \
     --presets qdrop --num-calib 1024 "${scarce[@]}" --threads 1 --work-dir "$WORK" \
     --out "$(dirname "$WORK")/out-$name" --no-benchmarks-md > "$log" 2>&1
   echo "$name rc=$? $(date -u +%FT%TZ)" >> "$(dirname "$WORK")/progress.txt"
