@@ -6,6 +6,8 @@
 #   benchmarks/fashion/full/assemble.sh dark [SETTINGS]     # section "fashion-bench-full-dark"
 # `dark` also writes the block's per-seed differences to $OUT/paired_seeds.txt. With KSHOT_SHARE
 # set, `dark` writes the runs with that share (folder named with "-share$KSHOT_SHARE", section the same without the dot).
+# DARK_SEEDS (comma-separated, default 0,1,2) replaces the block's seeds; the folder and section
+# are then named with "-seeds" and the seeds, e.g. -seeds012345.
 # SETTINGS: comma-separated settings to show (default all the worker's).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -21,9 +23,12 @@ settings=${2:-$DEFAULT}
 DARK_KS=${DARK_KS:-}
 if [ "$1" = dark ]; then
   source benchmarks/fashion/full/dark.sh
-  SECTION+=$(dark_suffix | tr -d .)  # a section name has no dots: share0.5 -> share05
-  OUT+=$(dark_suffix)
-  dark_args "$settings" 0,1,2
+  DARK_SEEDS=${DARK_SEEDS:-0,1,2}
+  suffix=$(dark_suffix)
+  [ "$DARK_SEEDS" = 0,1,2 ] || suffix+="-seeds${DARK_SEEDS//,/}"
+  SECTION+=$(tr -d . <<< "$suffix")  # a section name has no dots: share0.5 -> share05
+  OUT+=$suffix
+  dark_args "$settings" "$DARK_SEEDS"
   DARK_KS=${DARK_KS:-5}
   args=(--models resnet --sources real "${DARK_ARGS[@]}")
 else
