@@ -2172,7 +2172,9 @@ def _plot_data_scarce(plt: Any, scarce: dict[str, Any], config: BenchConfig, pat
     ks = list(config.data_scarce_ks)
     rows = {(r["setting"], r["row"], r["k"]): r for r in scarce["rows"] if r["preset"] == preset}
     settings = [setting_name(s) for s in config.data_scarce_settings]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(settings), figsize=(5 * len(settings), 4.8), squeeze=False, layout="constrained"
+    )
     for ax, setting in zip(axes[0], settings, strict=True):
         for method in KSHOT_METHODS:
             found = [(k, rows[(setting, method, k)]) for k in ks if (setting, method, k) in rows]
@@ -2199,8 +2201,9 @@ def _plot_data_scarce(plt: Any, scarce: dict[str, Any], config: BenchConfig, pat
         ax.set_xlabel("k real images per class")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{scarce['model']} {setting} {preset}")
-    axes[0, 0].legend(fontsize="small")
-    fig.tight_layout()
+    # below the panels, where it hides no point
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
