@@ -12,8 +12,11 @@ work dir has the 1024-image pools, the reduced one's the 256-image pools):
     (the same with --num-calib 256 --iters 500, and with --num-calib 256 --iters 200,
      --work-dir runs/full/work, --out runs/vitgap/out-256-500 and out-256-200)
 
-then ``python benchmarks/fashion/experiments/vit_filter_gap.py runs/vitgap/out-256-200
-runs/vitgap/out-256-500 runs/vitgap/out-1024-200 benchmarks/results/fashion-full-vit``.
+and, at the product's default of 2000 steps, one source and seed at a time (``--sources genq``
+or ``generated``, ``--seeds 0`` or ``1``, ``--iters 2000``, ``--out runs/vitgap/out-1024-2000-...``),
+then ``python benchmarks/fashion/experiments/vit_filter_gap.py runs/vitgap/out-*
+benchmarks/results/fashion-full-vit``: one line per size and step count, over the seeds that
+both rows ran.
 """
 
 from __future__ import annotations
@@ -47,19 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outs", nargs="+", type=Path, help="--out folders of bench runs")
     parser.add_argument("--setting", default="W2A4")
     args = parser.parse_args(argv)
-    print("| images | steps | GenQ | unfiltered | GenQ - unfiltered (per seed) |")
-    print("|---|---|---|---|---|")
+    # (images, steps) -> row -> top-1 by seed, merged over the reports (a run may be in several)
+    found: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
     for out in args.outs:
         report = json.loads((out / "fashion_bench.json").read_text())
-        genq = top1_by_seed(report, "genq", args.setting)
-        plain = top1_by_seed(report, "generated", args.setting)
-        if not genq or not plain:
-            raise SystemExit(f"{out}: no vit genq/generated runs at {args.setting}")
-        _, mean, error, by_seed = paired_difference(genq, plain)
         config = report["config"]
+        rows = found.setdefault((config["num_calibration"], config["iters"]), {})
+        for row in ("genq", "generated"):
+            rows.setdefault(row, {}).update(top1_by_seed(report, row, args.setting))
+    print("| images | steps | GenQ | unfiltered | GenQ - unfiltered (per seed) |")
+    print("|---|---|---|---|---|")
+    for (images, steps), rows in sorted(found.items()):
+        genq, plain = rows["genq"], rows["generated"]
+        if not set(genq) & set(plain):
+            raise SystemExit(f"{images} images, {steps} steps: no seed with both rows")
+        seeds, mean, error, by_seed = paired_difference(genq, plain)
         print(
-            f"| {config['num_calibration']} | {config['iters']} | "
-            f"{statistics.fmean(genq.values()):.2f} | {statistics.fmean(plain.values()):.2f} | "
+            f"| {images} | {steps} | {statistics.fmean(genq[s] for s in seeds):.2f} | "
+            f"{statistics.fmean(plain[s] for s in seeds):.2f} | "
             f"{mean:+.2f} ± {error:.2f} s.e. ({by_seed}) |"
         )
     return 0
