@@ -630,6 +630,11 @@ def markdown_tables(report: dict[str, Any]) -> str:
             "alignment (`genq_core.align`)."
             if "genq_aligned" in config.sources
             else ""
+        )
+        + (
+            f" Model inversion: {config.inversion_iters} Adam steps per batch from noise."
+            if "inversion" in config.sources
+            else ""
         ),
     ]
     for model, info in report["models"].items():

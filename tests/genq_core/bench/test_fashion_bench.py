@@ -177,6 +177,8 @@ def test_tiny_benchmark_writes_every_row(bench_run: tuple[fb.BenchResult, Path])
     assert "Calibration sets against the training statistics" in markdown
     assert "D_BN of each set against the target's BatchNorm statistics" in markdown
     assert "Command: `pytest tiny`" in markdown
+    # the speed comparison depends on inversion's length, which the header names
+    assert "Model inversion: 2 Adam steps per batch from noise." in markdown
 
     # the data-scarce claims: the four textual-inversion rows against both references; the sets
     # with the k images added against plain prompts with them added; the aligned rows against
