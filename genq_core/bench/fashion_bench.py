@@ -617,7 +617,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
         if r["block"] == "main"
     }
     test = "the 10k test set" if config.test_images is None else f"{config.test_images} test images"
-    lines = [
+    header = (
         f"Top-1 (%) on {test}, mean ± std over seeds {list(config.seeds)}; "
         f"{config.num_calibration} calibration images per run; {config.iters} reconstruction steps "
         f"per block; first/last layer bits as named (W4A4 = first/last 8-bit, -fl4 = 4-bit). "
@@ -625,18 +625,15 @@ def markdown_tables(report: dict[str, Any]) -> str:
         f"{config.guidance_scale:g}, {config.steps} DDIM steps), filters keep "
         f"{config.energy_keep:g} (energy) then {config.distribution_keep:g} (distribution) per "
         f"class; each filter alone keeps {config.kept_fraction:g} of the same pool."
-        + (
+    )
+    if "genq_aligned" in config.sources:
+        header += (
             f" GenQ + BN alignment: the GenQ set after {config.bn_align_iters} steps of BN "
             "alignment (`genq_core.align`)."
-            if "genq_aligned" in config.sources
-            else ""
         )
-        + (
-            f" Model inversion: {config.inversion_iters} Adam steps per batch from noise."
-            if "inversion" in config.sources
-            else ""
-        ),
-    ]
+    if "inversion" in config.sources:
+        header += f" Model inversion: {config.inversion_iters} Adam steps per batch from noise."
+    lines = [header]
     for model, info in report["models"].items():
         for preset in config.presets:
             lines += [
